@@ -12,6 +12,9 @@ tokens are supervised. The length ℓ is always measured in answer tokens, never
 """
 
 import json
+import math
+import random
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -107,3 +110,195 @@ def load_tokenizer(name_or_path=None) -> Tokenizer:
     from model import resolve_model_dir
 
     return Tokenizer(resolve_model_dir(name_or_path))
+
+
+# ----------------------------------------------------------------------------- tasks
+
+SYSTEM = "You are a helpful assistant."
+LONGCTX_QUESTION = "Please output the content of the vector memory injected into the activations."
+PROSE = Path(__file__).resolve().parent / "assets" / "prose.txt"
+FIRST = ("James Mary Robert Patricia John Jennifer Michael Linda David Elizabeth William Barbara Richard Susan "
+         "Joseph Jessica Thomas Sarah Charles Karen Daniel Lisa Matthew Nancy Anthony Betty Mark Sandra Donald "
+         "Ashley Steven Kimberly Paul Emily Andrew Donna Joshua Michelle Kenneth Carol Kevin Amanda Brian Melissa "
+         "George Deborah Edward Stephanie Ronald Rebecca Timothy Laura Jason Sharon Jeffrey Cynthia Ryan Kathleen "
+         "Jacob Amy Gary Angela").split()
+LAST = ("Smith Johnson Williams Brown Jones Garcia Miller Davis Rodriguez Martinez Hernandez Lopez Gonzalez Wilson "
+        "Anderson Thomas Taylor Moore Jackson Martin Lee Perez Thompson White Harris Sanchez Clark Ramirez Lewis "
+        "Robinson Walker Young Allen King Wright Scott Torres Nguyen Hill Flores Green Adams Nelson Baker Hall "
+        "Rivera Campbell Mitchell Carter Roberts Becerra Laramee Becker Carrara Brashier Rust Ross Okafor Lindqvist "
+        "Moreau Kowalski Tanaka").split()
+
+
+@dataclass
+class Example:
+    id: int
+    prompt: list[int]  # chat-formatted key, ending with the generation prompt
+    answer: list[int]  # supervised tokens (PhoneBook/linear rule: the digits, then end-of-turn)
+    length: int  # ℓ contributed by this example: answer tokens (PhoneBook: digit tokens only)
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Example]
+    heldout: list[Example] = field(default_factory=list)
+    noise: float | None = None
+
+    @property
+    def length(self) -> int:
+        return sum(e.length for e in self.train)
+
+
+def chat_prompt(tok: Tokenizer, key: str) -> list[int]:
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": key}]
+    return tok.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
+
+
+def qa_example(tok: Tokenizer, i: int, key: str, answer: str, eot: bool = True) -> Example:
+    """A (key, answer) pair; ℓ counts the answer text's tokens, end-of-turn is supervised but not counted."""
+    ids = tok.encode(answer)
+    suffix = [tok.eos_id] if eot and tok.eos_id is not None else []
+    return Example(i, chat_prompt(tok, key), ids + suffix, len(ids))
+
+
+def read_jsonl(path, keys: tuple[str, ...]) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg}); expected one object per line") from None
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise DataError(f"{path}:{n}: missing key {missing[0]!r}; each line needs {', '.join(keys)}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path} has no examples")
+    return rows
+
+
+def phonebook(tok: Tokenizer, length: int, seed: int = 0, path=None) -> Task:
+    """Names -> 10-digit numbers. ℓ = rows × digit tokens per number, sized to reach `length`."""
+    if path is not None:
+        rows = read_jsonl(path, ("query", "target"))
+        pairs = [(r["query"], str(r["target"])) for r in rows]
+    else:
+        rng = random.Random(seed)
+        per_row = len(tok.encode("5550123456"))  # digit tokens per number for this tokenizer
+        n = max(1, math.ceil(length / per_row))
+        names = [f"{f} {l}" for f in FIRST for l in LAST]
+        if n > len(names):  # middle initials extend the name space
+            names = [f"{f} {m}. {l}" for f in FIRST for m in "ABCDEFGHJKLMNPRSTVW" for l in LAST]
+        if n > len(names):
+            raise DataError(f"--length {length} needs {n} PhoneBook rows; at most {len(names)} names available")
+        pairs = [(f"{name}:", str(rng.randint(10**9, 10**10 - 1))) for name in rng.sample(names, n)]
+    if not pairs:
+        raise DataError("empty PhoneBook")
+    return Task("phonebook", [qa_example(tok, i, k, v) for i, (k, v) in enumerate(pairs)])
+
+
+def regular_ids(tok: Tokenizer) -> list[int]:
+    """Ordinary vocabulary ids (special/added tokens excluded), the pool for random replacement."""
+    special = {i for i, t in tok.tk.get_added_tokens_decoder().items() if t.special}
+    return [i for i in range(tok.tk.get_vocab_size(with_added_tokens=False)) if i not in special]
+
+
+def add_noise(ids: list[int], rho: float, pool: list[int], seed: int) -> list[int]:
+    """Replace k = round(ρN) evenly spaced tokens, at floor((j + 0.5)·N/k), with uniform random ids."""
+    n, out = len(ids), list(ids)
+    k = round(rho * n)
+    rng = random.Random(seed)
+    for j in range(k):
+        out[math.floor((j + 0.5) * n / k)] = pool[rng.randrange(len(pool))]
+    return out
+
+
+def longctx(tok: Tokenizer, length: int, noise: float = 1.0, seed: int = 0, text=None, path=None) -> Task:
+    """One fixed instruction, one answer: the first ℓ tokens of a text with a fraction ρ of tokens randomised."""
+    if not 0.0 <= noise <= 1.0:
+        raise DataError(f"--noise must be in [0, 1], got {noise}")
+    question = LONGCTX_QUESTION
+    if path is not None:
+        row = read_jsonl(path, ("matching",))[0]
+        clean, question = row["matching"], row.get("question", question)
+    else:
+        src = Path(text) if text else PROSE
+        if not src.is_file():
+            raise DataError(f"text file not found: {src}")
+        clean = src.read_text()
+    ids = tok.encode(clean)
+    if noise >= 1.0:  # ρ = 1 is pure random ids: no text needed, any length works
+        ids = [0] * max(length, 1)
+    if length > len(ids):
+        raise DataError(f"--length {length} is longer than the text ({len(ids)} tokens); pass a longer --text")
+    noisy = add_noise(ids, noise, regular_ids(tok), seed)[:length]
+    return Task("longctx", [Example(0, chat_prompt(tok, question), noisy, length)], noise=noise)
+
+
+def linear_rule(tok: Tokenizer, samples: int = 100, heldout: int = 100, seed: int = 0) -> Task:
+    """Facts 'x, y -> 3x + 5y + 7': train pairs test memory, unseen pairs test generalization."""
+    rng = random.Random(seed)
+    pairs = rng.sample([(x, y) for x in range(100) for y in range(100)], samples + heldout)
+    ex = [qa_example(tok, i, f"{x}, {y} ->", str(3 * x + 5 * y + 7)) for i, (x, y) in enumerate(pairs)]
+    return Task("linear", ex[:samples], ex[samples:])
+
+
+def make_task(tok: Tokenizer, task: str, length: int = 100, noise: float | None = None, seed: int = 0,
+              data=None, text=None, samples: int = 100) -> Task:
+    if length is not None and length <= 0:
+        raise DataError(f"--length must be a positive number of answer tokens, got {length}")
+    if task == "phonebook":
+        return phonebook(tok, length, seed, data)
+    if task == "longctx":
+        return longctx(tok, length, 1.0 if noise is None else noise, seed, text, data)
+    if task == "linear":
+        return linear_rule(tok, samples, samples, seed)
+    raise DataError(f"unknown task {task!r}; choose phonebook, longctx or linear")
+
+
+def collate(examples: list[Example], pad_id: int):
+    """Right-padded batch: input (B, T) and labels (B, T) aligned with logits; -100 off the answer."""
+    import torch
+
+    seqs = [e.prompt + e.answer for e in examples]
+    T = max(len(s) for s in seqs) - 1
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for b, (e, s) in enumerate(zip(examples, seqs)):
+        ids[b, : len(s) - 1] = torch.tensor(s[:-1])
+        start = len(e.prompt) - 1  # logits at the last prompt token predict the first answer token
+        labels[b, start : start + len(e.answer)] = torch.tensor(e.answer)
+    return ids, labels
+
+
+def main(model: str, task: str, length: int, noise: float | None, seed: int, data, text) -> None:
+    tok = load_tokenizer(model)
+    t = make_task(tok, task, length, noise, seed, data, text)
+    e = t.train[0]
+    print(f"{t.name}: {len(t.train)} examples, ℓ = {t.length} answer tokens, {len(t.heldout)} held out")
+    print(f"--- prompt ({len(e.prompt)} tokens)\n{tok.decode(e.prompt)}")
+    print(f"--- answer ({len(e.answer)} tokens, ℓ = {e.length})\n{tok.decode(e.answer[:200])}")
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description="Show what a memorization task looks like after tokenization.")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--task", default="phonebook", choices=["phonebook", "longctx", "linear"])
+    ap.add_argument("--length", type=int, default=100, help="answer tokens ℓ")
+    ap.add_argument("--noise", type=float, default=None, help="long-context: fraction ρ of random tokens")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=None, help="the paper's jsonl instead of generated data")
+    ap.add_argument("--text", default=None, help="long-context: a text file of clean prose")
+    a = ap.parse_args()
+    try:
+        main(a.model, a.task, a.length, a.noise, a.seed, a.data, a.text)
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,225 @@
+"""LoRA injected by module replacement, including the paper's whole-MLP probe; PEFT-compatible export.
+
+    from lora import add_lora, load_adapter, save_adapter
+    n = add_lora(model, rank=16, targets=("q_proj", "v_proj"))           # standard PEFT-style LoRA
+    n = add_lora(model, rank=4, targets=("mlp",), layers=[20], init="paper", dropout=0.1)
+    with adapter_disabled(model): ...                                     # the frozen reference model
+    save_adapter(model, "runs/x"); load_adapter(fresh_model, "runs/x")
+
+One wrapper computes y = base(x) + s·B(A(drop(x))). B starts at zero, so the model is unchanged at
+step 0. On the `mlp` target the whole MLP block is wrapped: the adapter reads the MLP input (the
+post-attention RMSNorm output) and adds to the MLP output, h_out = h_mid + MLP(x) + s·x·Aᵀ·Bᵀ.
+"""
+
+import json
+import math
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = LINEAR + ("mlp",)
+PRESETS = {
+    # The paper's probe: one whole-MLP adapter at ~2/3 depth, kaiming with fan_in = r, s = 1, dropout 0.1.
+    "paper": dict(targets=("mlp",), init="paper", dropout=0.1),
+    "standard": dict(targets=("q_proj", "v_proj"), init="standard", dropout=0.0),
+}
+
+
+class LoraError(Exception):
+    """Impossible LoRA settings or an unreadable adapter, worded for the user."""
+
+
+class LoRA(nn.Module):
+    """Wraps `base` (d_in -> d_out) and adds a low-rank update s·B·A; A is (r, d_in), B is (d_out, r)."""
+
+    def __init__(self, base: nn.Module, d_in: int, d_out: int, rank: int, scale: float, dropout: float, init: str):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, scale
+        dev = next(base.parameters()).device
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, device=dev, dtype=torch.float32))
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled, self.merged = False, False
+        if init == "paper":  # the paper's kaiming call took fan_in = r: U(±1/√r)
+            nn.init.uniform_(self.lora_A, -1 / math.sqrt(rank), 1 / math.sqrt(rank))
+        else:  # PEFT: kaiming_uniform(a=√5) over fan_in = d_in, i.e. U(±1/√d_in)
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.disabled or self.merged:
+            return y
+        # LoRA weights stay fp32 (master copy); compute in the activations' dtype (bf16 on GPU).
+        z = F.linear(F.linear(self.drop(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y + self.scale * z
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * self.lora_B @ self.lora_A  # (d_out, d_in)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRA]:
+    """HF module path of each wrapped module (e.g. 'model.layers.3.self_attn.q_proj') -> its LoRA."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRA)}
+
+
+def _site(block: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """Parent module and attribute name of a target inside one decoder block."""
+    if target == "mlp":
+        return block, "mlp"
+    return (block.self_attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp), target
+
+
+def check_settings(model, rank: int, targets, layers) -> list[int]:
+    """Validate rank/targets/layers against the model; returns the layer list."""
+    n_layers = model.args.n_layers
+    if not isinstance(rank, int) or rank <= 0:
+        raise LoraError(f"rank must be a positive integer, got {rank}")
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        raise LoraError(f"unknown LoRA target {bad[0] if bad else '(none)'!r}; choose from {', '.join(TARGETS)}")
+    if "mlp" in targets and any(t in ("gate_proj", "up_proj", "down_proj") for t in targets):
+        raise LoraError("target 'mlp' wraps the whole MLP block; do not combine it with gate/up/down_proj")
+    layers = list(range(n_layers)) if layers is None else sorted(set(layers))
+    out = [i for i in layers if not 0 <= i < n_layers]
+    if out or not layers:
+        raise LoraError(f"layer {out[0] if out else '(none)'} out of range: this model has layers 0..{n_layers - 1}")
+    dims = {"mlp": model.args.dim}
+    if rank > min(dims.get(t, 1 << 30) for t in targets) or rank > model.args.dim:
+        raise LoraError(f"rank {rank} exceeds the width of the adapted modules ({model.args.dim})")
+    return layers
+
+
+def add_lora(model, rank: int, targets=("q_proj", "v_proj"), layers=None, alpha=None, dropout=0.0,
+             init="standard") -> int:
+    """Wrap each target in each chosen layer; freeze everything else. Returns the trainable count."""
+    targets = tuple(targets)
+    layers = check_settings(model, rank, targets, layers)
+    if lora_modules(model):
+        raise LoraError("this model already carries an adapter")
+    if init not in ("paper", "standard"):
+        raise LoraError(f"unknown init {init!r}; choose paper or standard")
+    alpha = rank if alpha is None else alpha  # s = alpha/r = 1 by default, as in the paper
+    scale = 1.0 if init == "paper" else alpha / rank
+    model.requires_grad_(False)
+    for i in layers:
+        block = model.model.layers[i]
+        for t in targets:
+            parent, attr = _site(block, t)
+            base = getattr(parent, attr)
+            d_in, d_out = (model.args.dim, model.args.dim) if t == "mlp" else (base.in_features, base.out_features)
+            setattr(parent, attr, LoRA(base, d_in, d_out, rank, scale, dropout, init))
+    model.lora_config = dict(rank=rank, alpha=alpha, scale=scale, targets=list(targets), layers=layers,
+                             dropout=dropout, init=init, base_model=getattr(model, "name", None))
+    return sum(p.numel() for p in lora_parameters(model))
+
+
+def lora_parameters(model) -> list[nn.Parameter]:
+    return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+
+
+@contextmanager
+def adapter_disabled(model):
+    """Temporarily turn every adapter off: the frozen base, i.e. the reference for L_init."""
+    mods = list(lora_modules(model).values())
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.disabled = False
+
+
+@torch.no_grad()
+def merge(model) -> None:
+    """Fold s·B·A into the base weights of linear targets, for inference at base speed."""
+    for name, m in lora_modules(model).items():
+        if not isinstance(m.base, nn.Linear):
+            raise LoraError(f"{name}: the whole-MLP probe is not linear and cannot be merged")
+        if not m.merged:
+            m.base.weight += m.delta_weight().to(m.base.weight.dtype)
+            m.merged = True
+
+
+@torch.no_grad()
+def unmerge(model) -> None:
+    for m in lora_modules(model).values():
+        if m.merged:
+            m.base.weight -= m.delta_weight().to(m.base.weight.dtype)
+            m.merged = False
+
+
+# ----------------------------------------------------------------------------- saving and loading
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": getattr(m, k).detach().float().cpu().contiguous()
+            for name, m in lora_modules(model).items() for k in ("lora_A", "lora_B")}
+
+
+def atomic_dir(path: Path, write) -> None:
+    """Write a folder via a temporary sibling and a rename, so a crash never leaves it half-written."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model, path) -> None:
+    """Our format always (adapter.safetensors + adapter.json); PEFT's too when every target is linear."""
+    from safetensors.torch import save_file
+
+    cfg = model.lora_config
+    sd = lora_state_dict(model)
+
+    def write(d: Path):
+        save_file(sd, str(d / "adapter.safetensors"))
+        (d / "adapter.json").write_text(json.dumps(cfg, indent=1))
+        if "mlp" in cfg["targets"]:
+            return  # PEFT has no whole-block adapter; our format only
+        peft = {f"base_model.model.{k[: -len('.lora_A')]}.lora_A.weight" if k.endswith("lora_A")
+                else f"base_model.model.{k[: -len('.lora_B')]}.lora_B.weight": v for k, v in sd.items()}
+        save_file(peft, str(d / "adapter_model.safetensors"))
+        all_layers = cfg["layers"] == list(range(model.args.n_layers))
+        (d / "adapter_config.json").write_text(json.dumps(dict(
+            peft_type="LORA", task_type="CAUSAL_LM", r=cfg["rank"], lora_alpha=cfg["alpha"],
+            lora_dropout=cfg["dropout"], target_modules=cfg["targets"], bias="none", fan_in_fan_out=False,
+            layers_to_transform=None if all_layers else cfg["layers"], base_model_name_or_path=cfg["base_model"],
+            inference_mode=True, use_rslora=False, init_lora_weights=True), indent=1))
+
+    atomic_dir(Path(path), write)
+
+
+def load_adapter(model, path) -> dict:
+    """Put a saved adapter (our format) onto a freshly loaded model; returns its settings."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "adapter.json").is_file() or not (path / "adapter.safetensors").is_file():
+        raise LoraError(f"no adapter in {path} (expected adapter.json and adapter.safetensors)")
+    cfg = json.loads((path / "adapter.json").read_text())
+    add_lora(model, cfg["rank"], cfg["targets"], cfg["layers"], cfg["alpha"], cfg["dropout"], cfg["init"])
+    sd = load_file(str(path / "adapter.safetensors"))
+    mods = lora_modules(model)
+    want = {f"{n}.{k}" for n in mods for k in ("lora_A", "lora_B")}
+    if set(sd) != want:
+        raise LoraError(f"adapter in {path} does not fit this model (tensor names differ)")
+    with torch.no_grad():
+        for key, t in sd.items():
+            name, k = key.rsplit(".", 1)
+            p = getattr(mods[name], k)
+            if p.shape != t.shape:
+                raise LoraError(f"adapter tensor {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            p.copy_(t)
+    return cfg
