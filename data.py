@@ -255,7 +255,7 @@ def make_task(tok: Tokenizer, task: str, length: int = 100, noise: float | None 
     if task == "phonebook":
         return phonebook(tok, length, seed, data)
     if task == "longctx":
-        return longctx(tok, length, 1.0 if noise is None else noise, seed, text, data)
+        return longctx(tok, length, (0.0 if data else 1.0) if noise is None else noise, seed, text, data)
     if task == "linear":
         return linear_rule(tok, samples, samples, seed)
     raise DataError(f"unknown task {task!r}; choose phonebook, longctx or linear")

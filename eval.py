@@ -7,31 +7,189 @@
     new_ids = generate(model, prompt_ids, max_new_tokens=32, eos_id=tok.eos_id)
 """
 
+import math
 import sys
 import time
 
 import torch
 
-from data import DataError, load_tokenizer
+from data import DataError, Example, collate, load_tokenizer
+from memft import chunked_token_loss
 from model import ModelError, load_model
+
+LN2 = math.log(2)  # loss below ln 2 <=> p > 0.5 <=> the token is the greedy argmax
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens: int, eos_id=None) -> list[int]:
-    """Greedy decoding: one prefill over the prompt, then one token per step into a preallocated cache."""
-    dev = model.lm_head.weight.device
-    idx = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)[None]  # (1, P)
-    P = idx.shape[1]
-    cache = model.new_cache(batch=1, max_len=P + max_new_tokens)
-    logits = model(idx, pos0=0, cache=cache, last_only=True)  # (1, 1, V)
+def greedy(model, prompts: torch.Tensor, max_new_tokens: int, eos_id=None, targets=None) -> torch.Tensor:
+    """Batched greedy decoding of equal-length prompts (B, P): prefill, then one token per step.
+
+    With `targets` (B, n) it stops as soon as every row has diverged from its target, which is all
+    that finding the first free-run failure needs. Returns the new tokens (B, <= max_new_tokens).
+    """
+    B, P = prompts.shape
+    cache = model.new_cache(batch=B, max_len=P + max_new_tokens)
+    logits = model(prompts, pos0=0, cache=cache, last_only=True)  # (B, 1, V)
     out = []
+    diverged = torch.zeros(B, dtype=torch.bool, device=prompts.device)
     for i in range(max_new_tokens):
-        tok = logits[0, -1].argmax()
-        out.append(int(tok))
-        if out[-1] == eos_id or i == max_new_tokens - 1:
+        tok = logits[:, -1].argmax(dim=-1)  # (B,)
+        out.append(tok)
+        if targets is not None:
+            diverged |= tok != targets[:, i]
+            if bool(diverged.all()):
+                break
+        if (eos_id is not None and B == 1 and int(tok) == eos_id) or i == max_new_tokens - 1:
             break
-        logits = model(tok.view(1, 1), pos0=P + i, cache=cache)
+        logits = model(tok[:, None], pos0=P + i, cache=cache)
+    return torch.stack(out, dim=1)
+
+
+def generate(model, prompt_ids, max_new_tokens: int, eos_id=None) -> list[int]:
+    """Greedy reply to one prompt (a list of ids): the new tokens only, ending at EOS if it comes."""
+    dev = model.lm_head.weight.device
+    idx = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)[None]
+    return greedy(model, idx, max_new_tokens, eos_id)[0].tolist()
+
+
+class PrefixCache:
+    """Hidden states entering layer `start`, per example id, computed once with no grad.
+
+    When every adapter sits at layer `start` or above, layers below it see only frozen weights,
+    so their output never changes during training. Holding it (up to `max_mb`) lets each step run
+    layers start.. only. Examples that do not fit are recomputed each time, with the same result.
+    """
+
+    def __init__(self, model, start: int, max_mb: float = 4096):
+        self.model, self.start, self.budget = model, start, max_mb * 2**20
+        self.h: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _compute(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.run_layers(self.model.embed(ids), stop=self.start)
+
+    def fill(self, examples: list[Example]) -> bool:
+        """Compute every example now, in order; False if they do not all fit in memory."""
+        for e in examples:
+            if e.id not in self.h:
+                ids = torch.tensor([e.prompt + e.answer[:-1]], device=self.model.lm_head.weight.device)
+                h = self._compute(ids)[0]
+                if self.budget < h.numel() * h.element_size():
+                    return False
+                self.budget -= h.numel() * h.element_size()
+                self.h[e.id] = h
+        return True
+
+    def batch(self, examples: list[Example], ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) hidden states entering layer `start` for the collated batch `ids`."""
+        if self.start == 0:
+            return self.model.embed(ids)
+        B, T = ids.shape
+        out = None
+        for b, e in enumerate(examples):
+            n = len(e.prompt) + len(e.answer) - 1
+            h = self.h.get(e.id)
+            if h is None:
+                h = self._compute(ids[b : b + 1, :n])[0]  # (n, D)
+                if self.budget >= h.numel() * h.element_size():
+                    self.budget -= h.numel() * h.element_size()
+                    self.h[e.id] = h
+            if out is None:
+                out = torch.zeros(B, T, h.shape[-1], dtype=h.dtype, device=h.device)
+            out[b, :n] = h  # right padding stays zero: causal attention never looks ahead
+        return out
+
+
+def answer_losses(model, examples: list[Example], pad_id: int, prefix: PrefixCache | None = None, chunk=1024):
+    """Per-token CE and teacher-forced argmax over the answers of a batch: flat (N,), (N,), and labels (N,)."""
+    dev = model.lm_head.weight.device
+    ids, labels = collate(examples, pad_id)
+    ids, labels = ids.to(dev), labels.to(dev)
+    if prefix is None:
+        h = model.run_layers(model.embed(ids))
+    else:
+        h = model.run_layers(prefix.batch(examples, ids), start=prefix.start)
+    sel = labels != -100  # answer positions, row-major: each row's answer is one contiguous run
+    y = labels[sel]
+    loss, pred = chunked_token_loss(model.model.norm(h[sel]), model.lm_head.weight, y, chunk)
+    return loss, pred, y
+
+
+@torch.no_grad()
+def teacher_forced(model, examples: list[Example], pad_id: int, batch_size: int = 16, prefix=None):
+    """Per example: (token losses (A,), argmax correct (A,) bool), dropout off."""
+    out = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        loss, pred, y = answer_losses(model, chunk, pad_id, prefix)
+        lens = [len(e.answer) for e in chunk]
+        out += list(zip(loss.cpu().split(lens), (pred == y).cpu().split(lens)))
     return out
+
+
+@torch.no_grad()
+def first_failures(model, examples: list[Example], batch_size: int = 32) -> list[int]:
+    """Free-run greedy decoding from each prompt: the first answer position that differs (or ℓ)."""
+    dev = model.lm_head.weight.device
+    res = {}
+    by_len: dict[tuple[int, int], list[Example]] = {}  # batch prompts of equal length, answers too
+    for e in examples:
+        by_len.setdefault((len(e.prompt), len(e.answer)), []).append(e)
+    for (_, A), group in by_len.items():
+        for i in range(0, len(group), batch_size):
+            g = group[i : i + batch_size]
+            prompts = torch.tensor([e.prompt for e in g], device=dev)
+            targets = torch.tensor([e.answer for e in g], device=dev)
+            out = greedy(model, prompts, A, targets=targets)  # (B, n <= A)
+            wrong = out != targets[:, : out.shape[1]]
+            for e, row in zip(g, wrong):
+                res[e.id] = int(row.nonzero()[0]) if bool(row.any()) else A
+    return [res[e.id] for e in examples]
+
+
+def evaluate(model, examples: list[Example], loss_init: list[torch.Tensor], pad_id: int, prefix=None,
+             decode: bool = True) -> dict:
+    """ΔL, token accuracy, exact match (teacher-forced and decoded), first failure, stubborn tokens.
+
+    Greedy decoding reproduces an answer iff the teacher-forced argmax is right at every answer
+    position, so EM needs one forward pass; the decoder checks it. A token with p > 0.5 is always
+    the argmax (no other token can hold more than the remaining 1 - p < 0.5), so a sample with no
+    stubborn token (p <= 0.5) must decode exactly: `sufficient_violations` counts exceptions, and a
+    theorem says it is 0.
+    """
+    was_training = model.training
+    model.eval()
+    tf = teacher_forced(model, examples, pad_id, prefix=prefix)
+    fails = first_failures(model, examples) if decode else [None] * len(examples)
+    model.train(was_training)
+    per, disagree, violations = [], 0, 0
+    for e, (loss, ok), l0, ff in zip(examples, tf, loss_init, fails):
+        stub = (loss >= LN2).nonzero().flatten().tolist()  # p <= 0.5
+        em_tf = bool(ok.all())
+        tf_fail = int((~ok).nonzero()[0]) if not em_tf else len(e.answer)
+        if ff is None:
+            ff = tf_fail
+        if (ff == len(e.answer)) != em_tf or ff != tf_fail:
+            disagree += 1
+            print(f"WARNING: example {e.id}: teacher-forced first error at {tf_fail} but the decoder "
+                  f"first fails at {ff} (near-tie in the logits?)", file=sys.stderr)
+        violations += int(not stub and ff != len(e.answer))
+        per.append(dict(id=e.id, length=len(e.answer), loss_init=float(l0.mean()), loss_final=float(loss.mean()),
+                        delta_loss=float(l0.mean() - loss.mean()), token_acc=float(ok.float().mean()),
+                        exact_match=ff == len(e.answer), first_failure=ff, stubborn_positions=stub,
+                        earliest_stubborn=stub[0] if stub else None,
+                        probs=[round(p, 4) for p in torch.exp(-loss).tolist()]))
+    n_tok = sum(p["length"] for p in per)
+    l0 = sum(float(x.sum()) for x in loss_init) / n_tok
+    l1 = sum(float(loss.sum()) for loss, _ in tf) / n_tok
+    earliest = [p["earliest_stubborn"] for p in per if p["earliest_stubborn"] is not None]
+    return dict(loss_init=l0, loss_final=l1, delta_loss=l0 - l1,
+                token_acc=sum(float(ok.sum()) for _, ok in tf) / n_tok,
+                exact_match=sum(p["exact_match"] for p in per) / len(per),
+                stubborn=sum(len(p["stubborn_positions"]) for p in per),
+                earliest_stubborn=min(earliest) if earliest else None,
+                first_failure=min(p["first_failure"] for p in per),
+                sufficient_violations=violations, em_disagreements=disagree, per_sample=per)
 
 
 def main(model: str, prompt: str, max_new_tokens: int, system: str | None) -> None:

@@ -113,7 +113,7 @@ def add_lora(model, rank: int, targets=("q_proj", "v_proj"), layers=None, alpha=
             parent, attr = _site(block, t)
             base = getattr(parent, attr)
             d_in, d_out = (model.args.dim, model.args.dim) if t == "mlp" else (base.in_features, base.out_features)
-            setattr(parent, attr, LoRA(base, d_in, d_out, rank, scale, dropout, init))
+            setattr(parent, attr, LoRA(base, d_in, d_out, rank, scale, dropout, init).train(base.training))
     model.lora_config = dict(rank=rank, alpha=alpha, scale=scale, targets=list(targets), layers=layers,
                              dropout=dropout, init=init, base_model=getattr(model, "name", None))
     return sum(p.numel() for p in lora_parameters(model))

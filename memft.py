@@ -192,3 +192,44 @@ def method_weights(method: str, token_loss: torch.Tensor, mask: torch.Tensor, wr
         return sft_weights(mask), info
     info["skipped"] = True
     return torch.zeros_like(mask, dtype=torch.float32), info
+
+
+class ChunkedCE(torch.autograd.Function):
+    """Per-token CE and argmax from hidden states, never materialising the (N, V) logits.
+
+    Forward walks the N answer positions in chunks: logits = h·Wᵀ in fp32, loss_t = lse − logit[y],
+    and, when a gradient is needed, g_t = (softmax − onehot(y))·W, the gradient of loss_t w.r.t.
+    h_t. Backward is then only grad_loss_t · g_t. Any weighting Σ w_t·loss_t / Σw applied outside
+    with detached w stays exact, and the cost equals one unchunked forward plus backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk):
+        N = h.shape[0]
+        loss = torch.empty(N, dtype=torch.float32, device=h.device)
+        pred = torch.empty(N, dtype=torch.long, device=h.device)
+        need_grad = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(h) if need_grad else None
+        for i in range(0, N, chunk):
+            logits = (h[i : i + chunk] @ weight.t()).float()  # (c, V)
+            y = labels[i : i + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            loss[i : i + chunk] = lse - logits.gather(1, y[:, None]).squeeze(1)
+            pred[i : i + chunk] = logits.argmax(dim=-1)
+            if need_grad:
+                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place over the logits
+                g[torch.arange(len(y), device=g.device), y] -= 1.0
+                grad_h[i : i + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        ctx.mark_non_differentiable(pred)
+        return loss, pred
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_pred):
+        (grad_h,) = ctx.saved_tensors
+        return grad_loss[:, None].to(grad_h.dtype) * grad_h, None, None, None
+
+
+def chunked_token_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024):
+    """(N, D) final hidden states, (V, D) output weights, (N,) labels -> per-token loss (N,), argmax (N,)."""
+    return ChunkedCE.apply(h, weight, labels, chunk)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
@@ -227,6 +228,7 @@ class Transformer(nn.Module):
         )
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.activation_checkpointing = False  # a setting, like `training`
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(idx)  # (B, T, D)
@@ -236,9 +238,13 @@ class Transformer(nn.Module):
         pos = torch.arange(pos0, pos0 + h.shape[1], device=h.device)
         cos, sin = rope_cos_sin(self.inv_freq, pos, h.dtype)
         stop = self.args.n_layers if stop is None else stop
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i in range(start, stop):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = self.model.layers[i](h, cos, sin, kv, pos0)
+            if recompute:  # keep only each layer's input; recompute its activations in backward
+                h = torch.utils.checkpoint.checkpoint(self.model.layers[i], h, cos, sin, use_reentrant=False)
+            else:
+                h = self.model.layers[i](h, cos, sin, kv, pos0)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

