@@ -2,6 +2,8 @@
 
     python eval.py --prompt "What is the capital of France?"          # greedy reply of the built-in model
     python eval.py --model DIR --prompt "Hi" --max-new-tokens 64
+    python eval.py --adapter runs/NAME                 # exact-recall metrics of a saved run, on its own task
+    python eval.py --adapter runs/NAME --sample-recall 20 --temperature 0.7 --top-p 0.9
 
     from eval import generate
     new_ids = generate(model, prompt_ids, max_new_tokens=32, eos_id=tok.eos_id)
@@ -14,6 +16,7 @@ import time
 import torch
 
 from data import DataError, Example, collate, load_tokenizer
+from lora import LoraError, load_adapter
 from memft import chunked_token_loss
 from model import ModelError, load_model
 
@@ -21,11 +24,13 @@ LN2 = math.log(2)  # loss below ln 2 <=> p > 0.5 <=> the token is the greedy arg
 
 
 @torch.no_grad()
-def greedy(model, prompts: torch.Tensor, max_new_tokens: int, eos_id=None, targets=None) -> torch.Tensor:
-    """Batched greedy decoding of equal-length prompts (B, P): prefill, then one token per step.
+def greedy(model, prompts: torch.Tensor, max_new_tokens: int, eos_id=None, targets=None,
+           temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
+    """Batched decoding of equal-length prompts (B, P): prefill, then one token per step.
 
-    With `targets` (B, n) it stops as soon as every row has diverged from its target, which is all
-    that finding the first free-run failure needs. Returns the new tokens (B, <= max_new_tokens).
+    Greedy unless temperature > 0 (then nucleus sampling). With `targets` (B, n) it stops as soon
+    as every row has diverged from its target, which is all that finding the first free-run failure
+    needs. Returns the new tokens (B, <= max_new_tokens).
     """
     B, P = prompts.shape
     cache = model.new_cache(batch=B, max_len=P + max_new_tokens)
@@ -33,7 +38,7 @@ def greedy(model, prompts: torch.Tensor, max_new_tokens: int, eos_id=None, targe
     out = []
     diverged = torch.zeros(B, dtype=torch.bool, device=prompts.device)
     for i in range(max_new_tokens):
-        tok = logits[:, -1].argmax(dim=-1)  # (B,)
+        tok = pick(logits[:, -1], temperature, top_p, generator)  # (B,)
         out.append(tok)
         if targets is not None:
             diverged |= tok != targets[:, i]
@@ -43,6 +48,34 @@ def greedy(model, prompts: torch.Tensor, max_new_tokens: int, eos_id=None, targe
             break
         logits = model(tok[:, None], pos0=P + i, cache=cache)
     return torch.stack(out, dim=1)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """(B, V) logits -> (B,) next tokens: argmax, or a sample from the top-p nucleus at `temperature`."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    p, idx = probs.sort(dim=-1, descending=True)
+    keep = p.cumsum(-1) - p < top_p  # smallest set whose mass reaches top_p (always keeps the top token)
+    p = p * keep
+    choice = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=generator)
+    return idx.gather(-1, choice).squeeze(-1)
+
+
+@torch.no_grad()
+def sampled_recall(model, examples: list[Example], k: int, temperature: float, top_p: float, seed: int = 0):
+    """Fraction of k sampled decodes per example that reproduce its answer exactly (per example)."""
+    g = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    dev = model.lm_head.weight.device
+    out = []
+    for e in examples:
+        prompts = torch.tensor([e.prompt] * k, device=dev)
+        targets = torch.tensor([e.answer] * k, device=dev)
+        toks = greedy(model, prompts, len(e.answer), targets=targets, temperature=temperature, top_p=top_p,
+                      generator=g)
+        exact = (toks == targets[:, : toks.shape[1]]).all(dim=1) & (toks.shape[1] == len(e.answer))
+        out.append(float(exact.float().mean()))
+    return out
 
 
 def generate(model, prompt_ids, max_new_tokens: int, eos_id=None) -> list[int]:
@@ -192,11 +225,13 @@ def evaluate(model, examples: list[Example], loss_init: list[torch.Tensor], pad_
                 sufficient_violations=violations, em_disagreements=disagree, per_sample=per)
 
 
-def main(model: str, prompt: str, max_new_tokens: int, system: str | None) -> None:
+def reply(model: str, prompt: str, max_new_tokens: int, system: str | None, adapter=None) -> None:
     tok = load_tokenizer(model)
     m = load_model(model)
+    if adapter:
+        load_adapter(m, adapter)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
     t0 = time.perf_counter()
     out = generate(m, ids, max_new_tokens, eos_id=tok.eos_id)
     dt = time.perf_counter() - t0
@@ -204,16 +239,68 @@ def main(model: str, prompt: str, max_new_tokens: int, system: str | None) -> No
     print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
 
 
+def main(model: str | None, adapter: str, task: str | None = None, length: int | None = None,
+         noise: float | None = None, seed: int | None = None, data=None, text=None, sample_recall: int = 0,
+         temperature: float = 1.0, top_p: float = 1.0, as_json: bool = False) -> dict:
+    """Evaluate a saved adapter on its task; settings default to those in the run's results file."""
+    import json
+    from pathlib import Path
+
+    from data import make_task
+
+    run_file = Path(str(adapter).rstrip("/") + ".json")
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    model = model or run.get("model", "default")
+    tok = load_tokenizer(model)
+    m = load_model(model)
+    task = make_task(tok, task or run.get("task", "phonebook"), length or run.get("length", 100),
+                     noise if noise is not None else run.get("noise"), seed if seed is not None else run.get("seed", 0),
+                     data, text, run.get("n_samples", 100))
+    pad = tok.eos_id if tok.eos_id is not None else 0
+    loss_init = [loss for loss, _ in teacher_forced(m, task.train, pad)]
+    load_adapter(m, adapter)
+    res = evaluate(m, task.train, loss_init, pad)
+    if sample_recall:
+        rec = sampled_recall(m, task.train, sample_recall, temperature, top_p)
+        res["sampled_recall"] = dict(k=sample_recall, temperature=temperature, top_p=top_p, mean=sum(rec) / len(rec),
+                                     per_sample=rec)
+    summary = {k: v for k, v in res.items() if k != "per_sample"}
+    if as_json:
+        print(json.dumps(res))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>22}: {v}")
+    return res
+
+
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="Greedy (KV-cached) reply of a model to one prompt.")
-    ap.add_argument("--model", default="default", help="'default' (built-in SmolLM2-135M), a folder, or a hub id")
-    ap.add_argument("--prompt", required=True, help="the user message")
-    ap.add_argument("--system", default=None, help="optional system message")
+    ap = argparse.ArgumentParser(description="Greedy reply to a prompt, or exact-recall metrics of a saved adapter.",
+                                 epilog=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="'default' (built-in SmolLM2-135M), a folder, or a hub id")
+    ap.add_argument("--prompt", default=None, help="reply mode: the user message")
+    ap.add_argument("--system", default=None, help="reply mode: optional system message")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--adapter", default=None, help="a saved adapter folder (<out>/<name>/)")
+    ap.add_argument("--task", default=None, help="phonebook | longctx | linear (default: the run's)")
+    ap.add_argument("--length", type=int, default=None)
+    ap.add_argument("--noise", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--text", default=None)
+    ap.add_argument("--sample-recall", type=int, default=0, metavar="K", help="also decode K samples per example")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     try:
-        main(a.model, a.prompt, a.max_new_tokens, a.system)
-    except (ModelError, DataError) as e:
+        if a.prompt is not None:
+            reply(a.model or "default", a.prompt, a.max_new_tokens, a.system, a.adapter)
+        elif a.adapter:
+            main(a.model, a.adapter, a.task, a.length, a.noise, a.seed, a.data, a.text, a.sample_recall,
+                 a.temperature, a.top_p, a.json)
+        else:
+            ap.error("give --prompt (greedy reply) or --adapter (evaluate a saved run)")
+    except (ModelError, DataError, LoraError) as e:
         sys.exit(f"error: {e}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from data import DataError, make_task
-from eval import LN2, PrefixCache, answer_losses, evaluate, teacher_forced
+from eval import LN2, PrefixCache, answer_losses, evaluate, sampled_recall, teacher_forced
 from lora import PRESETS, LoraError, adapter_disabled, add_lora, atomic_dir, lora_parameters, save_adapter
 from memft import SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights, weighted_loss
 from model import ModelError, load_model
@@ -62,6 +62,9 @@ class Config:
     eval_every: int = 10
     prefix_cache_mb: float = 4096
     decode: bool = True
+    sample_recall: int = 0  # K sampled decodes per example after training (0: off)
+    temperature: float = 1.0
+    top_p: float = 1.0
     dtype: str | None = None
     device: str | None = None
 
@@ -274,7 +277,8 @@ def main(cfg: Config) -> dict | None:
     sliding = SlidingState()
     history, step, elapsed, stopped_at = [], 0, 0.0, None
     last_exact: dict[int, bool] = {}
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "name", "decode", "device")}
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("out", "name", "decode", "device", "sample_recall", "temperature", "top_p")}
     if (ckpt / "state.json").exists():
         st = load_checkpoint(ckpt, model, opt)
         if st["settings"] != settings:
@@ -364,11 +368,16 @@ def main(cfg: Config) -> dict | None:
 
     res = evaluate(model, ex, loss_init, pad, prefix, decode=cfg.decode)
     extra = {}
+    if cfg.sample_recall:  # the p > 0.5 argument covers greedy decoding only; measure sampling too
+        model.eval()
+        rec = sampled_recall(model, ex, cfg.sample_recall, cfg.temperature, cfg.top_p, cfg.seed)
+        extra["sampled_recall"] = dict(k=cfg.sample_recall, temperature=cfg.temperature, top_p=cfg.top_p,
+                                       mean=sum(rec) / len(rec), per_sample=rec)
     if task.heldout:  # linear rule: accuracy on unseen pairs measures generalization
         with adapter_disabled(model):
             held_init = [loss for loss, _ in teacher_forced(model, task.heldout, pad)]
         held = evaluate(model, task.heldout, held_init, pad, None, decode=cfg.decode)
-        extra = dict(heldout_exact_match=held["exact_match"], heldout_token_acc=held["token_acc"],
+        extra |= dict(heldout_exact_match=held["exact_match"], heldout_token_acc=held["token_acc"],
                      heldout_delta_loss=held["delta_loss"])
     result = dict(schema=SCHEMA, name=name, model=model.name, task=task.name, method=cfg.method,
                   method_flavour=method, rank=cfg.rank, params=n_params, length=task.length,
@@ -390,7 +399,7 @@ def main(cfg: Config) -> dict | None:
     print(f"done: ΔL = {result['delta_loss']:.4f} (L_init {result['loss_init']:.4f} -> {result['loss_final']:.4f}), "
           f"token acc {result['token_acc']:.3f}, exact match {result['exact_match']:.3f}, stubborn {result['stubborn']}, "
           f"first failure {result['first_failure']}" + (f", stopped at step {stopped_at}" if stopped_at is not None else "")
-          + (f", held-out EM {extra['heldout_exact_match']:.3f}" if extra else "")
+          + (f", held-out EM {extra['heldout_exact_match']:.3f}" if "heldout_exact_match" in extra else "")
           + f" | {result['time_s']:.1f}s -> {res_path}")
     return result
 
@@ -471,6 +480,9 @@ def parse(argv=None) -> tuple[Config, dict]:
     g.add_argument("--name", default=None, help="run name (default from the settings)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint period in steps (default: 10 per run)")
     g.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decoder check of EM")
+    g.add_argument("--sample-recall", type=int, default=0, metavar="K", help="also decode K samples per example")
+    g.add_argument("--temperature", type=float, default=1.0, help="with --sample-recall")
+    g.add_argument("--top-p", type=float, default=1.0, help="with --sample-recall")
     g.add_argument("--prefix-cache-mb", type=float, default=c.prefix_cache_mb,
                    help="memory for hidden states below a single-layer probe (default %(default)s)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")
