@@ -255,7 +255,7 @@ def main(model: str | None, adapter: str, task: str | None = None, length: int |
     m = load_model(model)
     task = make_task(tok, task or run.get("task", "phonebook"), length or run.get("length", 100),
                      noise if noise is not None else run.get("noise"), seed if seed is not None else run.get("seed", 0),
-                     data, text, run.get("n_samples", 100))
+                     data or run.get("data"), text or run.get("text"), run.get("n_samples", 100))
     pad = tok.eos_id if tok.eos_id is not None else 0
     loss_init = [loss for loss, _ in teacher_forced(m, task.train, pad)]
     load_adapter(m, adapter)

@@ -331,8 +331,11 @@ def read_weights(path: Path, device, dtype) -> dict[str, torch.Tensor]:
 def default_device_dtype(device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+        if dtype not in names:
+            raise ModelError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
+        dtype = names[dtype]
     # fp32 on CPU: bf16 matmuls are several times slower on AVX2 CPUs.
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 

@@ -77,6 +77,21 @@ class RunError(Exception):
     """Bad settings for a run, worded for the user."""
 
 
+def check(cfg: Config) -> None:
+    """Reject impossible settings before anything is loaded or written."""
+    positive = dict(rank=cfg.rank, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, samples=cfg.samples,
+                    epochs=cfg.epochs, eval_every=cfg.eval_every, length=cfg.length)
+    for k, v in positive.items():
+        if v is not None and v <= 0:
+            raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {v}")
+    if cfg.steps is not None and cfg.steps < 0:  # 0 steps: evaluate the untrained adapter (ΔL = 0)
+        raise RunError(f"--steps must be 0 or more, got {cfg.steps}")
+    if cfg.ot_fallback not in ("sft", "skip"):
+        raise RunError(f"unknown --ot-fallback {cfg.ot_fallback!r}; choose sft or skip")
+    if cfg.dtype not in (None, "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
+        raise RunError(f"unknown --dtype {cfg.dtype!r}; choose fp32, bf16 or fp16")
+
+
 def resolve_lora(cfg: Config, n_layers: int) -> dict:
     if cfg.preset not in PRESETS:
         raise RunError(f"unknown preset {cfg.preset!r}; choose {', '.join(PRESETS)}")
@@ -199,6 +214,8 @@ def save_checkpoint(path: Path, model, opt, state: dict) -> None:
             tensors[f"m{i}"], tensors[f"v{i}"] = s["exp_avg"].cpu(), s["exp_avg_sq"].cpu()
             steps[i] = float(s["step"])
     tensors["rng"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["cuda_rng"] = torch.cuda.get_rng_state()
 
     def write(d: Path):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "state.safetensors"))
@@ -221,6 +238,8 @@ def load_checkpoint(path: Path, model, opt) -> dict:
         opt.state[p] = {"step": torch.tensor(s), "exp_avg": t[f"m{i}"].to(p.device),
                         "exp_avg_sq": t[f"v{i}"].to(p.device)}
     torch.set_rng_state(t["rng"])
+    if "cuda_rng" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["cuda_rng"])
     return state
 
 
@@ -240,8 +259,7 @@ def main(cfg: Config) -> dict | None:
     if res_path.exists():
         print(f"{res_path} exists: run already done (delete it to rerun)")
         return json.loads(res_path.read_text())
-    if cfg.rank <= 0:
-        raise RunError(f"--rank must be a positive integer, got {cfg.rank}")
+    check(cfg)
     method = resolve_method(cfg)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -279,6 +297,9 @@ def main(cfg: Config) -> dict | None:
     last_exact: dict[int, bool] = {}
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("out", "name", "decode", "device", "sample_recall", "temperature", "top_p")}
+    old = ckpt.with_name(ckpt.name + ".old")  # a kill between the two renames of a save leaves only this
+    if not (ckpt / "state.json").exists() and (old / "state.json").exists():
+        os.replace(old, ckpt)
     if (ckpt / "state.json").exists():
         st = load_checkpoint(ckpt, model, opt)
         if st["settings"] != settings:
@@ -384,7 +405,7 @@ def main(cfg: Config) -> dict | None:
                   answer_tokens=sum(len(e.answer) for e in ex), noise=task.noise, seed=cfg.seed,
                   steps=step, stopped_at=stopped_at, targets=list(lcfg["targets"]),
                   layers=model.lora_config["layers"], preset=cfg.preset, lr=cfg.lr, batch_size=cfg.batch_size,
-                  grad_accum=cfg.grad_accum, n_samples=len(ex), ot_fallback=cfg.ot_fallback,
+                  grad_accum=cfg.grad_accum, n_samples=len(ex), data=cfg.data, text=cfg.text, ot_fallback=cfg.ot_fallback,
                   **{k: v for k, v in res.items() if k != "per_sample"}, **extra,
                   time_s=round(time.perf_counter() - t0, 2),
                   wall_s=round(time.perf_counter() - t_start, 2), history=history, per_sample=res["per_sample"])

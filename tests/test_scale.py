@@ -3,33 +3,18 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, build_tiny
+from conftest import ROOT
 from data import Example, collate
 from eval import PrefixCache, answer_losses
 from lora import add_lora, lora_parameters
 from memft import method_weights, token_loss, weighted_loss
 from model import load_model
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    """Tiny random Llama with the built-in tokenizer (train.py needs one)."""
-    convert = pytest.importorskip("convert")
-    try:
-        src = convert.builtin_model_dir()
-    except convert.ConvertError as e:
-        pytest.skip(str(e))
-    d = build_tiny("llama", tmp_path_factory.mktemp("scale_chat"), vocab_size=49152)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, d / f)
-    return d
 
 
 def _examples(n=3, seed=0):
@@ -117,9 +102,9 @@ def _train(args, out, env=None, torchrun=False):
 
 
 @pytest.mark.parametrize("method,extra", [("ot", ["--batch-size", "4"]), ("sw", ["--batch-size", "3"])])
-def test_fsdp_two_processes_match_one(chat_model, tmp_path, method, extra):
+def test_fsdp_two_processes_match_one(tiny_chat, tmp_path, method, extra):
     # batch 4 splits over 2 processes (data parallel); batch 3 does not (every process runs it whole)
-    args = ["--model", str(chat_model), "--task", "phonebook", "--length", "40", "--rank", "4", "--preset",
+    args = ["--model", str(tiny_chat), "--task", "phonebook", "--length", "40", "--rank", "4", "--preset",
             "standard", "--targets", "q_proj,v_proj", "--method", method, "--steps", "5", "--no-decode", *extra]
     one = _train(args, tmp_path / "one")
     two = _train(args, tmp_path / "two", env={"OMP_NUM_THREADS": "1"}, torchrun=True)
@@ -128,8 +113,8 @@ def test_fsdp_two_processes_match_one(chat_model, tmp_path, method, extra):
     assert abs(one["loss_final"] - two["loss_final"]) <= 1e-4
 
 
-def test_early_stop_fires_at_the_phase_boundary(chat_model, tmp_path):
-    args = ["--model", str(chat_model), "--task", "longctx", "--length", "12", "--noise", "1.0", "--rank", "8",
+def test_early_stop_fires_at_the_phase_boundary(tiny_chat, tmp_path):
+    args = ["--model", str(tiny_chat), "--task", "longctx", "--length", "12", "--noise", "1.0", "--rank", "8",
             "--preset", "standard", "--targets", "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj", "--lr", "2e-2",
             "--steps", "200", "--stop-when-memorized", "--eval-every", "1"]
     r = _train(args, tmp_path)
