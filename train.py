@@ -330,39 +330,10 @@ def main(cfg: Config) -> dict | None:
         max_ce = 0.0  # the worst answer token seen this step (this process's share)
         micro = plan[step]
         for idx in micro:
-            batch = [ex[i] for i in idx]
-            # Data parallel: split the batch over processes when it divides evenly; otherwise every
-            # process runs the whole batch (FSDP needs them in lockstep) and takes 1/world of it.
-            split = world > 1 and len(batch) % world == 0
-            share = 1.0 if split or world == 1 else 1.0 / world
-            batch = batch[rank::world] if split else batch
-            loss_t, pred, y = answer_losses(model, batch, pad, prefix)
-            lens = torch.tensor([len(e.answer) for e in batch])
-            dev = loss_t.device
-            mask = (torch.arange(int(lens.max()))[None] < lens[:, None]).to(dev)  # (B, A) answer space
-            lba = torch.zeros(mask.shape, device=dev)
-            lba[mask] = loss_t.detach()
-            wrong = torch.zeros(mask.shape, dtype=torch.bool, device=dev)
-            wrong[mask] = pred != y
-            E = 1.0
-            if method == "sw_window":
-                E = sliding.update([e.id for e in batch], anchor_positions(mask, wrong)).to(dev)
-            w, info = method_weights(method, lba, mask, wrong, E, ot_fallback=cfg.ot_fallback)
-            if split and method in ("ot", "sw_curriculum") and info["n_sub"] == 0 and allsum(info["n_sub"], world) > 0:
-                w, info["skipped"] = torch.zeros_like(w), False  # the fallback is decided on the whole batch
-            for e, row_ok in zip(batch, (~wrong | ~mask).all(dim=1).tolist()):
-                last_exact[e.id] = row_ok
-            norm = allsum(w[mask].sum(), world) if split else None  # Σw over the whole batch
-            loss = weighted_loss(loss_t, w[mask], norm) * share / len(micro)
-            rec["loss"] += float(loss.detach())
-            rec["ce"] += float(loss_t.detach().sum()) * share
-            max_ce = max(max_ce, float(loss_t.detach().max()))
-            rec["n_tok"] += float(mask.sum()) * share
-            rec["n_sub"] += info["n_sub"] * share
-            if info["skipped"]:
-                rec["skipped"] += 1
-                continue
-            loss.backward()
+            r = micro_step(model, [ex[i] for i in idx], method, cfg, pad, prefix, sliding, last_exact,
+                           len(micro), rank, world)
+            max_ce = max(max_ce, r.pop("max_ce"))
+            rec = {k: rec[k] + r[k] for k in rec}
         rec = {k: allsum(v, world) for k, v in rec.items()}
         rec["skipped"] = rec["skipped"] / world
         if rec["skipped"] < len(micro):
@@ -423,6 +394,37 @@ def main(cfg: Config) -> dict | None:
           + (f", held-out EM {extra['heldout_exact_match']:.3f}" if "heldout_exact_match" in extra else "")
           + f" | {result['time_s']:.1f}s -> {res_path}")
     return result
+
+
+def micro_step(model, batch, method, cfg, pad, prefix, sliding, last_exact, n_micro, rank, world) -> dict:
+    """Forward, MemFT weights and backward for one micro-batch; returns this process's tallies."""
+    # Data parallel: split the batch over processes when it divides evenly; otherwise every
+    # process runs the whole batch (FSDP needs them in lockstep) and takes 1/world of it.
+    split = world > 1 and len(batch) % world == 0
+    share = 1.0 if split or world == 1 else 1.0 / world
+    batch = batch[rank::world] if split else batch
+    loss_t, pred, y = answer_losses(model, batch, pad, prefix)  # flat over the answer tokens
+    dev = loss_t.device
+    lens = torch.tensor([len(e.answer) for e in batch])
+    mask = (torch.arange(int(lens.max()))[None] < lens[:, None]).to(dev)  # (B, A) answer space
+    lba = torch.zeros(mask.shape, device=dev)
+    lba[mask] = loss_t.detach()
+    wrong = torch.zeros(mask.shape, dtype=torch.bool, device=dev)
+    wrong[mask] = pred != y
+    E = 1.0
+    if method == "sw_window":
+        E = sliding.update([e.id for e in batch], anchor_positions(mask, wrong)).to(dev)
+    w, info = method_weights(method, lba, mask, wrong, E, ot_fallback=cfg.ot_fallback)
+    if split and method in ("ot", "sw_curriculum") and info["n_sub"] == 0 and allsum(info["n_sub"], world) > 0:
+        w, info["skipped"] = torch.zeros_like(w), False  # the fallback is decided on the whole batch
+    for e, row_ok in zip(batch, (~wrong | ~mask).all(dim=1).tolist()):
+        last_exact[e.id] = row_ok
+    norm = allsum(w[mask].sum(), world) if split else None  # Σw over the whole batch
+    loss = weighted_loss(loss_t, w[mask], norm) * share / n_micro
+    if not info["skipped"]:
+        loss.backward()
+    return dict(loss=float(loss.detach()), ce=float(loss_t.detach().sum()) * share, n_tok=float(mask.sum()) * share,
+                n_sub=info["n_sub"] * share, skipped=float(info["skipped"]), max_ce=float(loss_t.detach().max()))
 
 
 def memorized(model, ex, pad, prefix, last_exact, step, every, world=1) -> bool:

@@ -141,15 +141,16 @@ def main(results: Path) -> None:
     mt = []
     for m in ("sft", "ot", "sw"):
         mt.append([m] + [cell("longctx", 100, 1.0, m, k, "token_acc") for k in (1, 4, 16)]
-                  + [cell("phonebook", 50, None, m, k, "exact_match") for k in (1, 4, 16)]
-                  + [cell("phonebook", 100, None, m, k, "exact_match") for k in (1, 4, 16)])
+                  + [cell("phonebook", 30, None, m, k, "exact_match") for k in (1, 4, 16)]
+                  + [cell("phonebook", 60, None, m, k, "exact_match") for k in (1, 4, 16)])
     out += ["### MemFT vs SFT at the same step budget", "",
-            "Long context (ρ = 1, ℓ = 100): token accuracy. PhoneBook: exact match (fraction of numbers recalled).", "",
-            table(["method", "LC r=1", "LC r=4", "LC r=16", "PB50 r=1", "PB50 r=4", "PB50 r=16",
-                   "PB100 r=1", "PB100 r=4", "PB100 r=16"], mt), ""]
+            "Long context (ρ = 1, ℓ = 100): token accuracy. PhoneBook with 3 and 6 numbers (ℓ = 30, 60 digits): "
+            "exact match (fraction of numbers recalled).", "",
+            table(["method", "LC r=1", "LC r=4", "LC r=16", "PB30 r=1", "PB30 r=4", "PB30 r=16",
+                   "PB60 r=1", "PB60 r=4", "PB60 r=16"], mt), ""]
     steps = []
     for r in runs:
-        if r["task"] in ("phonebook", "longctx") and r["length"] in (50, 100) and r["rank"] in (1, 4, 16):
+        if r["task"] in ("phonebook", "longctx") and r["length"] in (30, 60, 100) and r["rank"] in (1, 4, 16):
             first = next((h["step"] for h in r["history"] if h["em"] >= 1.0), None)
             if r["task"] == "phonebook" or r["noise"] == 1.0 and r["length"] == 100:
                 steps.append([r["task"], r["length"], r["rank"], r["method"], first])
