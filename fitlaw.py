@@ -105,8 +105,8 @@ def plan_rank(C, alpha, beta, b, length, target_delta):
 def spearman(earliest_stubborn, first_failure):
     """Spearman ρ between paired positions, skipping pairs with a None; returns (rho, n)."""
     pairs = [(e, f) for e, f in zip(earliest_stubborn, first_failure) if e is not None and f is not None]
-    if len(pairs) < 3:
-        return float("nan"), len(pairs)
+    if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
+        return float("nan"), len(pairs)  # undefined for fewer than 3 pairs or a constant side
     rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
     return float(rho), len(pairs)
 
