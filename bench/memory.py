@@ -8,6 +8,7 @@ optimizer and reads every weight once (safetensors maps the file lazily), then r
 memory (VmRSS), resets the kernel's high-water mark and runs one step (forward + backward + AdamW). The step's cost is the new high-water mark minus that
 baseline. One JSON line per variant, then the ratios ours / PEFT (below 1 means we use less).
   ours_chunked   answer_losses: the head and CE walk the answer in chunks, never holding (T, V) logits
+  ours_chunked_ckpt  the same with --activation-checkpointing (each layer recomputed in backward)
   ours_full      model.head(h) on every position, then memft.token_loss: the textbook way
   peft           transformers + PEFT, the standard labels-based loss
 """
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-VARIANTS = ("ours_chunked", "ours_full", "peft")
+VARIANTS = ("ours_chunked", "ours_chunked_ckpt", "ours_full", "peft")
 RANK = 16
 
 
@@ -77,11 +78,12 @@ def child(variant: str, answer_tokens: int, threads: int) -> dict:
 
         m = load_model("default")
         add_lora(m, RANK, ("q_proj", "v_proj"))
+        m.activation_checkpointing = variant == "ours_chunked_ckpt"
         params = lora_parameters(m)
         ids, labels = collate([ex], pad)
 
         def loss_fn():
-            if variant == "ours_chunked":
+            if variant.startswith("ours_chunked"):
                 loss, _, _ = answer_losses(m, [ex], pad)  # (A,) per answer token
                 return weighted_loss(loss, torch.ones_like(loss))
             logits = m.head(m.run_layers(m.embed(ids)))  # (1, T, V): the whole vocabulary at every position
@@ -123,7 +125,7 @@ def main(answer_tokens: int, threads: int, variants: list[str]) -> None:
         rows[v] = json.loads(r.stdout.strip().splitlines()[-1])
         print(json.dumps(dict(bench=f"memory/{v}", **rows[v], threads=threads)), flush=True)
     if "peft" in rows:
-        for v in ("ours_chunked", "ours_full"):
+        for v in ("ours_chunked", "ours_chunked_ckpt", "ours_full"):
             if v in rows:
                 print(json.dumps(dict(bench=f"memory/{v}_vs_peft", answer_tokens=answer_tokens,
                                       ours_mb=rows[v]["step_mb"], peer_mb=rows["peft"]["step_mb"],
