@@ -94,10 +94,8 @@ class ModelArgs:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, as Hugging Face does, then cast back."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """RMSNorm normalised in fp32 (torch's fused kernel), cast back, then scaled, as Hugging Face does."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -184,10 +182,9 @@ class Attention(nn.Module):
             if T > 1 and pos0 > 0:  # chunk after a prefix: causal mask aligned bottom-right
                 mask = torch.ones(T, pos0 + T, dtype=torch.bool, device=x.device).tril(pos0)
                 causal = False
-        if self.n_kv != self.n_heads:  # GQA: each kv head serves n_heads/n_kv query heads
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        # GQA: each kv head serves n_heads/n_kv query heads, without copying k and v per head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
