@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, make_task
+from data import DataError, load_tokenizer, make_task
 from eval import LN2, PrefixCache, answer_losses, evaluate, sampled_recall, teacher_forced
 from lora import PRESETS, LoraError, adapter_disabled, add_lora, atomic_dir, lora_parameters, save_adapter
 from memft import SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights, weighted_loss
@@ -268,10 +268,7 @@ def main(cfg: Config) -> dict | None:
     if device is None and world > 1 and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    from data import Tokenizer
-    from model import resolve_model_dir
-
-    tok = Tokenizer(resolve_model_dir(cfg.model))
+    tok = load_tokenizer(cfg.model)
     task = make_task(tok, cfg.task, cfg.length, cfg.noise, cfg.seed, cfg.data, cfg.text, cfg.samples)
     ex = task.train
     pad = tok.eos_id if tok.eos_id is not None else 0
