@@ -60,6 +60,11 @@ class Tokenizer:
         return None
 
     @property
+    def pad_id(self) -> int:
+        """Right padding never reaches an answer position (causal attention), so any id will do: eos, else 0."""
+        return self.eos_id if self.eos_id is not None else 0
+
+    @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
 

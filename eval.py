@@ -256,7 +256,7 @@ def main(model: str | None, adapter: str, task: str | None = None, length: int |
     task = make_task(tok, task or run.get("task", "phonebook"), length or run.get("length", 100),
                      noise if noise is not None else run.get("noise"), seed if seed is not None else run.get("seed", 0),
                      data or run.get("data"), text or run.get("text"), run.get("n_samples", 100))
-    pad = tok.eos_id if tok.eos_id is not None else 0
+    pad = tok.pad_id
     loss_init = [loss for loss, _ in teacher_forced(m, task.train, pad)]
     load_adapter(m, adapter)
     res = evaluate(m, task.train, loss_init, pad)

@@ -88,8 +88,6 @@ def check(cfg: Config) -> None:
         raise RunError(f"--steps must be 0 or more, got {cfg.steps}")
     if cfg.ot_fallback not in ("sft", "skip"):
         raise RunError(f"unknown --ot-fallback {cfg.ot_fallback!r}; choose sft or skip")
-    if cfg.dtype not in (None, "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"):
-        raise RunError(f"unknown --dtype {cfg.dtype!r}; choose fp32, bf16 or fp16")
 
 
 def resolve_lora(cfg: Config, n_layers: int) -> dict:
@@ -271,7 +269,7 @@ def main(cfg: Config) -> dict | None:
     tok = load_tokenizer(cfg.model)
     task = make_task(tok, cfg.task, cfg.length, cfg.noise, cfg.seed, cfg.data, cfg.text, cfg.samples)
     ex = task.train
-    pad = tok.eos_id if tok.eos_id is not None else 0
+    pad = tok.pad_id
     lcfg = resolve_lora(cfg, model.args.n_layers)
     n_params = add_lora(model, cfg.rank, **lcfg)
     params = lora_parameters(model)
