@@ -133,7 +133,7 @@ class PrefixCache:
         return out
 
 
-def answer_losses(model, examples: list[Example], pad_id: int, prefix: PrefixCache | None = None, chunk=1024):
+def answer_losses(model, examples: list[Example], pad_id: int, prefix: PrefixCache | None = None, chunk=512):
     """Per-token CE and teacher-forced argmax over the answers of a batch: flat (N,), (N,), and labels (N,)."""
     dev = model.lm_head.weight.device
     ids, labels = collate(examples, pad_id)

@@ -211,15 +211,18 @@ class ChunkedCE(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(h) if need_grad else None
         for i in range(0, N, chunk):
-            logits = (h[i : i + chunk] @ weight.t()).float()  # (c, V)
+            logits = (h[i : i + chunk] @ weight.t()).float()  # (c, V): the only (c, V) buffer
             y = labels[i : i + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            loss[i : i + chunk] = lse - logits.gather(1, y[:, None]).squeeze(1)
             pred[i : i + chunk] = logits.argmax(dim=-1)
+            target = logits.gather(1, y[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(top).exp_()  # in place: exp(logit - max), as logsumexp computes it
+            total = p.sum(dim=-1, keepdim=True)
+            loss[i : i + chunk] = (top + total.log()).squeeze(1) - target  # lse - logit[y]
             if need_grad:
-                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place over the logits
-                g[torch.arange(len(y), device=g.device), y] -= 1.0
-                grad_h[i : i + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+                p.div_(total)  # softmax
+                p[torch.arange(len(y), device=p.device), y] -= 1.0
+                grad_h[i : i + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)
         ctx.save_for_backward(grad_h)
         ctx.mark_non_differentiable(pred)
         return loss, pred
@@ -230,6 +233,6 @@ class ChunkedCE(torch.autograd.Function):
         return grad_loss[:, None].to(grad_h.dtype) * grad_h, None, None, None
 
 
-def chunked_token_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024):
+def chunked_token_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 512):
     """(N, D) final hidden states, (V, D) output weights, (N,) labels -> per-token loss (N,), argmax (N,)."""
     return ChunkedCE.apply(h, weight, labels, chunk)

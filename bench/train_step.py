@@ -180,6 +180,7 @@ def main(answer_tokens: int, repeats: int, warmup: int, threads: int, variants: 
              ours_gflop=round(f_ours / 1e9, 1), peer_gflop=round(f_peer / 1e9, 1),
              ours_gflops=round(g_ours, 1), peer_gflops=round(g_peer, 1),
              ours_util=round(g_ours / peak, 3), peer_util=round(g_peer / peak, 3),
+             flop_ratio=round(f_peer / f_ours, 3),  # the ratio if both sides ran at the same GFLOP/s
              peer="transformers+peft", repeats=repeats, threads=threads)
         del ours, peer
 

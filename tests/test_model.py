@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, hf_model
 from eval import generate
-from model import ModelError, load_model
+from model import ModelError, SwiGLU, load_model
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen3", "tiny_sharded"])
@@ -92,6 +92,24 @@ def _copy(src, dst):
 
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gradients_equal_autograd(dtype):
+    """The memory-lean SwiGLU gives autograd's own output and gradients, and keeps two tensors, not three."""
+    g = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(3, 7, 40, generator=g).to(dtype) for _ in range(3))
+    a = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+    b = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y_ours = SwiGLU.apply(*a)
+    y_ref = torch.nn.functional.silu(b[0]) * b[1]
+    y_ours.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(y_ours, y_ref)
+    assert torch.equal(a[0].grad, b[0].grad) and torch.equal(a[1].grad, b[1].grad)
+    assert len(saved) == 2
 
 
 def test_missing_folder(tmp_path):
