@@ -11,6 +11,7 @@ Parameter names follow Hugging Face (`model.layers.N.self_attn.q_proj.weight`, .
 load with `strict=True` and no key mapping, and LoRA export to PEFT is only a key prefix.
 """
 
+import functools
 import json
 import math
 import re
@@ -233,6 +234,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def run_block(block: nn.Module, h, cos, sin):
+    return block(h, cos, sin)
+
+
+@functools.cache
+def compiled_run_block():
+    """run_block with each layer's elementwise work (norms, RoPE, SwiGLU, residuals, and their
+    backward) fused by torch.compile. Built on first use, since importing the compiler takes
+    seconds; compiled on the first call, and one graph then serves every layer."""
+    return torch.compile(run_block)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -246,7 +259,8 @@ class Transformer(nn.Module):
         )
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        self.activation_checkpointing = False  # a setting, like `training`
+        self.activation_checkpointing = False  # settings, like `training`
+        self.compile_layers = False  # torch.compile for whole-sequence passes (not KV-cached decoding)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(idx)  # (B, T, D)
@@ -257,12 +271,14 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, pos, h.dtype)
         stop = self.args.n_layers if stop is None else stop
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        run = compiled_run_block() if self.compile_layers and cache is None else run_block
         for i in range(start, stop):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            if recompute:  # keep only each layer's input; recompute its activations in backward
-                h = torch.utils.checkpoint.checkpoint(self.model.layers[i], h, cos, sin, use_reentrant=False)
+            if cache is not None:
+                h = self.model.layers[i](h, cos, sin, (cache.k[i], cache.v[i]), pos0)
+            elif recompute:  # keep only each layer's input; recompute its activations in backward
+                h = torch.utils.checkpoint.checkpoint(run, self.model.layers[i], h, cos, sin, use_reentrant=False)
             else:
-                h = self.model.layers[i](h, cos, sin, kv, pos0)
+                h = run(self.model.layers[i], h, cos, sin)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,7 @@ class Config:
     name: str | None = None
     save_every: int = 0  # 0 -> about 10 checkpoints per run
     activation_checkpointing: bool = False
+    compile: bool = False
     stop_when_memorized: bool = False
     eval_every: int = 10
     prefix_cache_mb: float = 4096
@@ -71,7 +72,8 @@ class Config:
 
     def run_name(self) -> str:
         noise = "" if self.task != "longctx" else f"-n{1.0 if self.noise is None else self.noise:g}"
-        return self.name or f"{self.task}{noise}-L{self.length}-r{self.rank}-{self.method}-s{self.seed}"
+        length = "" if self.task == "linear" else f"-L{self.length}"  # the rule's answers set their own length
+        return self.name or f"{self.task}{noise}{length}-r{self.rank}-{self.method}-s{self.seed}"
 
 
 class RunError(Exception):
@@ -190,7 +192,9 @@ def shard(model, checkpointing: bool = False) -> None:
     """FSDP2: shard each decoder layer's frozen weights over the processes (optionally recomputing
     activations per layer). LoRA weights stay whole on every process (they are tiny, fp32, and their
     gradients are summed by hand), and so do embeddings, final norm and head, which the chunked loss
-    reads outside forward."""
+    reads outside forward. Sharding those as FSDP's root would not lower peak memory: FSDP2 keeps
+    the root's weights gathered from forward through backward, and a frozen base has no root
+    gradients or optimizer state to shard."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -279,6 +283,8 @@ def main(cfg: Config) -> dict | None:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rank, world = distributed()
+    if cfg.compile and world > 1:  # FSDP's per-layer hooks split the compiled graphs: slower, not faster
+        raise RunError("--compile runs in a single process only; drop it under torchrun")
     device = cfg.device
     if device is None and world > 1 and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
@@ -298,6 +304,7 @@ def main(cfg: Config) -> dict | None:
             prefix = None
     else:
         model.activation_checkpointing = cfg.activation_checkpointing
+    model.compile_layers = cfg.compile
 
     with adapter_disabled(model):  # L_init: the frozen model's loss, computed once
         loss_init = [loss for loss, _ in teacher_forced(model, ex, pad, prefix=prefix)]
@@ -521,6 +528,9 @@ def parse(argv=None) -> tuple[Config, dict]:
     g.add_argument("--prefix-cache-mb", type=float, default=c.prefix_cache_mb,
                    help="memory for hidden states below a single-layer probe (default %(default)s)")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")
+    g.add_argument("--compile", action="store_true",
+                   help="fuse each layer's elementwise work with torch.compile: about 14%% faster training steps "
+                        "on CPU after a one-off compile of 5-20 s (needs a C compiler)")
     g.add_argument("--dtype", default=None, help="fp32 | bf16 (default: fp32 on CPU, bf16 on GPU)")
     g.add_argument("--device", default=None)
     g = ap.add_argument_group("sweeps")

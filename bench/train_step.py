@@ -14,6 +14,9 @@ SFT loss over the answer. Variants, each printed as one JSON line with ratio = p
 
 GFLOP/s divide the matmul FLOPs each side actually executes (see `step_flops`) by its step time,
 and `util` compares that with a 2048x2048 fp32 matmul timed in the same run on the same threads.
+`step_shapes_util` is what the step's own matmul shapes reach run bare (`shapes_gflops`): the
+ceiling for `util` at this size. `flop_ratio` is peer FLOPs / our FLOPs: the speed-up that doing
+less work alone gives, at equal GFLOP/s.
 
 On a CPU shared with other jobs, OpenMP's spinning workers lose their core and every parallel
 region then waits for the scheduler: two-thread timings can come out several times slower, on
@@ -51,6 +54,31 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def shapes_gflops(args, T: int, head_tokens: int, repeats: int = 5) -> float:
+    """GFLOP/s that the step's own matmul shapes reach when run bare, one after another.
+
+    Times each frozen linear layer's forward (x·Wᵀ) and input-gradient (g·W) product at T tokens,
+    and the head's on `head_tokens`: the same shapes a training step runs, without anything else.
+    Small products use the cores less well than the square `matmul_peak_gflops`; this is what a
+    step made of nothing but its matmuls would reach.
+    """
+    D, I, V = args.dim, args.intermediate_size, args.vocab_size
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = [(T, D, q), (T, D, kv), (T, D, kv), (T, q, D), (T, D, I), (T, D, I), (T, I, D), (head_tokens, D, V)]
+    total_flops, total_s = 0.0, 0.0
+    for m, k, n in shapes:
+        x, w, g = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+        for fn in (lambda: x @ w.t(), lambda: g @ w):  # forward and input gradient, as autograd runs them
+            fn()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            total_flops, total_s = total_flops + 2 * m * k * n, total_s + best
+    return total_flops / total_s / 1e9
+
+
 def step_flops(args, T: int, first_layer: int, run_from: int, head_tokens: int, lora: int) -> float:
     """Matmul FLOPs of one training step, counted from the shapes.
 
@@ -83,7 +111,7 @@ def make_example(tok, n_answer: int, seed: int = 0):
     return Example(0, prompt, answer, n_answer)
 
 
-def ours_step_fn(targets, layers, init, dropout, use_prefix, example, pad):
+def ours_step_fn(targets, layers, init, dropout, use_prefix, example, pad, compile_layers=False):
     """A closure running one of our training steps, and its (first adapted layer, layers run, params)."""
     from data import collate
     from eval import PrefixCache, answer_losses
@@ -94,6 +122,7 @@ def ours_step_fn(targets, layers, init, dropout, use_prefix, example, pad):
     m = load_model("default")
     n = add_lora(m, RANK, targets, layers=layers, init=init, dropout=dropout)
     m.train()
+    m.compile_layers = compile_layers  # train.py --compile
     opt = torch.optim.AdamW(lora_parameters(m), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
     first = min(m.lora_config["layers"])
     prefix = PrefixCache(m, first) if use_prefix and first > 0 else None
@@ -159,7 +188,9 @@ def main(answer_tokens: int, repeats: int, warmup: int, threads: int, variants: 
     pad = tok.eos_id
     T = len(ex.prompt) + len(ex.answer) - 1  # positions our model runs; transformers runs T + 1
     peak = matmul_peak_gflops()
-    emit(bench="matmul_peak", n=2048, gflops=round(peak, 1), threads=threads)
+    bare = shapes_gflops(args, T, answer_tokens)
+    emit(bench="matmul_peak", n=2048, gflops=round(peak, 1), step_shapes_gflops=round(bare, 1),
+         step_shapes_util=round(bare / peak, 3), threads=threads)
     L = args.n_layers
     setups = {
         "all_layers_qv": (("q_proj", "v_proj"), None, "standard", 0.0, False, None),
@@ -167,8 +198,9 @@ def main(answer_tokens: int, repeats: int, warmup: int, threads: int, variants: 
         "one_layer_qv": (("q_proj", "v_proj"), [LAYER], "standard", 0.0, False, [LAYER]),
     }
     for name in variants:
-        targets, layers, init, dropout, use_prefix, peer_layers = setups[name]
-        ours, first, run_from, n_ours = ours_step_fn(targets, layers, init, dropout, use_prefix, ex, pad)
+        compiled = name.endswith("_compiled")
+        targets, layers, init, dropout, use_prefix, peer_layers = setups[name.removesuffix("_compiled")]
+        ours, first, run_from, n_ours = ours_step_fn(targets, layers, init, dropout, use_prefix, ex, pad, compiled)
         peer, peer_first, n_peer = peer_step_fn(peer_layers, ex)
         ours_s, peer_s = compare(ours, peer, warmup, repeats)
         f_ours = step_flops(args, T, first, run_from, answer_tokens, n_ours)
@@ -188,7 +220,7 @@ def main(answer_tokens: int, repeats: int, warmup: int, threads: int, variants: 
 if __name__ == "__main__":
     import argparse
 
-    names = ["all_layers_qv", "paper_probe", "one_layer_qv"]
+    names = ["all_layers_qv", "paper_probe", "one_layer_qv", "all_layers_qv_compiled", "paper_probe_compiled"]
     ap = argparse.ArgumentParser(description="One LoRA training step, ours vs transformers+PEFT.")
     ap.add_argument("--answer-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)

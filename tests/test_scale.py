@@ -125,3 +125,15 @@ def test_early_stop_fires_at_the_phase_boundary(tiny_chat, tmp_path):
     assert len(r["history"]) == s
     # and the state it stopped in has every token above p = 0.5, confirmed by the decoder
     assert r["stubborn"] == 0 and r["exact_match"] == 1.0 and r["em_disagreements"] == 0
+
+
+def test_compiled_layers_match_eager(tiny_chat, tmp_path):
+    """--compile fuses the layers' elementwise work; the loss history matches the eager run."""
+    args = ["--model", str(tiny_chat), "--task", "phonebook", "--length", "20", "--rank", "4", "--preset",
+            "standard", "--targets", "q_proj,v_proj", "--method", "sw", "--steps", "4", "--no-decode",
+            "--batch-size", "2"]
+    eager = _train(args, tmp_path / "eager")
+    compiled = _train(args + ["--compile"], tmp_path / "compiled")
+    for a, b in zip(eager["history"], compiled["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 and a["n_sub"] == b["n_sub"]
+    assert abs(eager["delta_loss"] - compiled["delta_loss"]) <= 1e-4
