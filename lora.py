@@ -139,9 +139,11 @@ def adapter_disabled(model):
 @torch.no_grad()
 def merge(model) -> None:
     """Fold s·B·A into the base weights of linear targets, for inference at base speed."""
-    for name, m in lora_modules(model).items():
+    modules = lora_modules(model)
+    for name, m in modules.items():  # check all first: never leave the model half-merged
         if not isinstance(m.base, nn.Linear):
             raise LoraError(f"{name}: the whole-MLP probe is not linear and cannot be merged")
+    for m in modules.values():
         if not m.merged:
             m.base.weight += m.delta_weight().to(m.base.weight.dtype)
             m.merged = True

@@ -225,3 +225,11 @@ def test_errors(tiny_llama, tmp_path):
         merge(m)
     with pytest.raises(LoraError, match="no adapter in"):
         load_adapter(load_model(tiny_llama), tmp_path)
+    mixed = load_model(tiny_llama)  # q_proj (linear, mergeable) next to the whole-MLP probe (not)
+    add_lora(mixed, rank=4, targets=("q_proj", "mlp"), layers=[1])
+    for mod in lora_modules(mixed).values():
+        torch.nn.init.normal_(mod.lora_B)
+    before = {k: v.clone() for k, v in mixed.state_dict().items()}
+    with pytest.raises(LoraError, match="cannot be merged"):
+        merge(mixed)
+    assert all(torch.equal(before[k], v) for k, v in mixed.state_dict().items())  # nothing half-merged
