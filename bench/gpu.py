@@ -1,0 +1,188 @@
+"""LoRA training and greedy decoding on a Llama-3.1-8B-shaped model with random bf16 weights.
+
+    python bench/gpu.py                                   # one CUDA GPU: 2048 and 8192 answer tokens, decode
+    python bench/gpu.py --answer-tokens 2048 --activation-checkpointing
+    python bench/gpu.py --shape tiny --device cpu --dtype fp32 --answer-tokens 64 --decode-tokens 8  # smoke test
+
+The model is built from the config below on the meta device and filled with N(0, 0.02) weights
+on the target device: no download, nothing read from disk. Each measurement prints one JSON line:
+  peaks          measured bf16 matmul TFLOP/s (8192³) and device-memory copy bandwidth
+  train/<ℓ>      one training step (rank-16 q,v LoRA on every layer, chunked CE over ℓ answer
+                 tokens after a 64-token prompt, AdamW): seconds, tokens/s, MFU and peak memory.
+                 MFU = the step's matmul FLOPs (`train_step.step_flops`: frozen weights need input
+                 gradients only, so about 4·params·tokens, plus attention) / step time / the
+                 measured matmul peak; also against the nominal peak where the GPU is known.
+  decode         greedy tokens/s at batch 1 after a 128-token prompt, against the bandwidth limit:
+                 every token reads all weights except the embedding table (about 15 GB in bf16),
+                 so tokens/s cannot exceed bandwidth / those bytes.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+
+SHAPES = {  # Hugging Face config.json fields
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "tiny": dict(model_type="llama", vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=256, rms_norm_eps=1e-5, rope_theta=500000.0),
+}
+NOMINAL_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0}  # dense
+RANK = 16
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Best wall seconds of `repeats` calls, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def random_model(shape: str, device, dtype):
+    """The shape's Transformer with random weights, built without reading anything."""
+    from model import ModelArgs, Transformer, rope_inv_freq
+
+    args = ModelArgs.from_config(SHAPES[shape])
+    with torch.device("meta"):
+        m = Transformer(args).to(dtype)
+    m.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    m.inv_freq = rope_inv_freq(args).to(device)
+    m.name = shape
+    return m.requires_grad_(False).eval(), args
+
+
+def peaks(device, dtype) -> tuple[float, float]:
+    """(matmul TFLOP/s, copy GB/s) measured here."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    tflops = 2 * n**3 / timed(lambda: a @ b, device, 10) / 1e12
+    del a, b
+    size = 2**30 if device.type == "cuda" else 2**26  # bytes
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    gbs = 2 * size / timed(lambda: dst.copy_(src), device, 10) / 1e9  # read + write
+    return tflops, gbs
+
+
+def train_step(model, args, answer_tokens: int, device, repeats: int, peak_tflops: float, nominal):
+    from train_step import step_flops
+
+    from data import Example
+    from eval import answer_losses
+    from lora import lora_parameters
+    from memft import weighted_loss
+
+    g = torch.Generator().manual_seed(answer_tokens)
+    ids = torch.randint(0, args.vocab_size, (64 + answer_tokens,), generator=g).tolist()
+    ex = Example(0, ids[:64], ids[64:], answer_tokens)
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4, weight_decay=0.0)
+
+    def step():
+        loss, _, _ = answer_losses(model, [ex], 0)
+        weighted_loss(loss, torch.ones_like(loss)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = timed(step, device, repeats)
+    T = 64 + answer_tokens - 1
+    n_lora = sum(p.numel() for p in lora_parameters(model))
+    flops = step_flops(args, T, 0, 0, answer_tokens, n_lora)
+    row = dict(bench=f"gpu/train/{answer_tokens}", answer_tokens=answer_tokens, seq_tokens=T + 1,
+               step_s=round(s, 4), tokens_per_s=round((T + 1) / s, 1), tflop=round(flops / 1e12, 2),
+               tflops=round(flops / s / 1e12, 1), mfu_measured_peak=round(flops / s / 1e12 / peak_tflops, 3),
+               activation_checkpointing=model.activation_checkpointing)
+    if nominal:
+        row["mfu_nominal_peak"] = round(flops / s / 1e12 / nominal, 3)
+    if device.type == "cuda":
+        row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    emit(**row)
+
+
+def decode(model, args, new_tokens: int, device, gbs: float) -> None:
+    from eval import greedy
+
+    prompt = torch.randint(0, args.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1)).to(device)
+    t_prefill = timed(lambda: greedy(model, prompt, 1), device, 3)
+    t_all = timed(lambda: greedy(model, prompt, new_tokens + 1), device, 3)
+    per_token = (t_all - t_prefill) / new_tokens
+    read = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if args.tie_embeddings:  # the head is the embedding table, and it is read every token
+        read += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    limit = gbs * 1e9 / read
+    emit(bench="gpu/decode", new_tokens=new_tokens, tokens_per_s=round(1 / per_token, 1),
+         weights_read_gb=round(read / 1e9, 2), bandwidth_gbs=round(gbs, 1), limit_tokens_per_s=round(limit, 1),
+         fraction_of_limit=round(1 / per_token / limit, 3))
+
+
+def main(a) -> None:
+    from lora import add_lora
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device here; run on a GPU machine, or smoke-test with --shape tiny --device cpu")
+    device = torch.device(a.device)
+    dtype = dict(bf16=torch.bfloat16, fp32=torch.float32)[a.dtype]
+    tflops, gbs = peaks(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None) if dtype == torch.bfloat16 else None
+    emit(bench="gpu/peaks", device=name, dtype=a.dtype, matmul_tflops=round(tflops, 1), copy_gbs=round(gbs, 1),
+         nominal_tflops=nominal)
+    model, args = random_model(a.shape, device, dtype)
+    if a.decode_tokens:
+        decode(model, args, a.decode_tokens, device, gbs)
+    add_lora(model, RANK, ("q_proj", "v_proj"))
+    model.train()
+    model.activation_checkpointing = a.activation_checkpointing
+    for n in a.answer_tokens:
+        train_step(model, args, n, device, a.repeats, tflops, nominal)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="LoRA training and decoding on an 8B-shaped model with random weights.")
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--answer-tokens", default="2048,8192", help="comma list of answer lengths to train on")
+    ap.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens to time (0: skip decoding)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    a = ap.parse_args()
+    try:
+        a.answer_tokens = [int(x) for x in a.answer_tokens.split(",") if x.strip()]
+    except ValueError:
+        sys.exit(f"error: --answer-tokens takes a comma list of integers, got {a.answer_tokens!r}")
+    main(a)
