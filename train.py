@@ -216,6 +216,17 @@ def allsum(x, world: int):
     return t.item() if not torch.is_tensor(x) else t.to(x.dtype)
 
 
+def allmerge(table: dict, keys: list, world: int) -> None:
+    """Data parallel: copy into `table` the entries that the other processes just wrote for their
+    `keys`, so that every process holds the whole batch's per-sample state."""
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, {k: table[k] for k in keys})
+    for part in parts:
+        table.update(part)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -431,13 +442,18 @@ def micro_step(model, batch, method, cfg, pad, prefix, sliding, last_exact, n_mi
     wrong = torch.zeros(mask.shape, dtype=torch.bool, device=dev)
     wrong[mask] = pred != y
     E = 1.0
+    ids = [e.id for e in batch]
     if method == "sw_window":
-        E = sliding.update([e.id for e in batch], anchor_positions(mask, wrong)).to(dev)
+        E = sliding.update(ids, anchor_positions(mask, wrong)).to(dev)
+        if split:  # a sample may land on another process next time: every process keeps every window
+            allmerge(sliding.samples, ids, world)
     w, info = method_weights(method, lba, mask, wrong, E, ot_fallback=cfg.ot_fallback)
     if split and method in ("ot", "sw_curriculum") and info["n_sub"] == 0 and allsum(info["n_sub"], world) > 0:
         w, info["skipped"] = torch.zeros_like(w), False  # the fallback is decided on the whole batch
     for e, row_ok in zip(batch, (~wrong | ~mask).all(dim=1).tolist()):
         last_exact[e.id] = row_ok
+    if split:
+        allmerge(last_exact, ids, world)
     norm = allsum(w[mask].sum(), world) if split else None  # Σw over the whole batch
     loss = weighted_loss(loss_t, w[mask], norm) * share / n_micro
     if not info["skipped"]:

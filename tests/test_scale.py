@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -111,6 +112,22 @@ def test_fsdp_two_processes_match_one(tiny_chat, tmp_path, method, extra):
     for a, b in zip(one["history"], two["history"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 and a["n_sub"] == b["n_sub"]
     assert abs(one["loss_final"] - two["loss_final"]) <= 1e-4
+
+
+def test_fsdp_sliding_windows_follow_samples_across_processes(tiny_chat, tmp_path):
+    """MemFT-SW's window state is per sample; split over processes, a sample lands on a different
+    process from step to step, so every process must keep every sample's window. Answers of 150
+    digits exceed the 50-token window, where the window's growth changes the loss."""
+    rng = random.Random(0)
+    rows = [{"query": f"Person {i}:", "target": "".join(str(rng.randint(0, 9)) for _ in range(150))} for i in range(4)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", str(tiny_chat), "--task", "phonebook", "--data", str(data), "--rank", "4", "--preset",
+            "standard", "--targets", "q_proj,v_proj", "--method", "sw", "--sw-flavour", "window",
+            "--batch-size", "2", "--steps", "12", "--no-decode"]
+    one = _train(args, tmp_path / "one")
+    two = _train(args, tmp_path / "two", env={"OMP_NUM_THREADS": "1"}, torchrun=True)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one["history"], two["history"], strict=True)) <= 1e-4
 
 
 def test_early_stop_fires_at_the_phase_boundary(tiny_chat, tmp_path):
