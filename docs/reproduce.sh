@@ -15,6 +15,8 @@ law_small_ranks() {
   $PY train.py --task longctx --noise 1.0 --ranks 1,2,4,8 --lengths 25,50,100,200,400,800 --steps 100 --out $OUT
   # 2. Semantic density: a smaller grid for rho = 0 and 0.4 (rho = 1 comes from study 1).
   $PY train.py --task longctx --noises 0,0.4 --ranks 1,4,16 --lengths 25,50,100 --steps 100 --out $OUT
+  # Seed to seed: nine law points again with another seed (new text, init and dropout).
+  $PY train.py --task longctx --noise 1.0 --ranks 1,4,16 --lengths 50,100,200 --steps 100 --seed 1 --out $OUT
 }
 law_large_ranks_memft_rule() {
   $PY train.py --task longctx --noise 1.0 --ranks 16,32 --lengths 25,50,100,200,400,800 --steps 100 --out $OUT
