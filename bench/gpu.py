@@ -149,11 +149,11 @@ def decode(model, args, new_tokens: int, device, gbs: float) -> None:
 
 def main(a) -> None:
     from lora import add_lora
+    from model import default_device_dtype
 
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here; run on a GPU machine, or smoke-test with --shape tiny --device cpu")
-    device = torch.device(a.device)
-    dtype = dict(bf16=torch.bfloat16, fp32=torch.float32)[a.dtype]
+    device, dtype = default_device_dtype(a.device, a.dtype)
     tflops, gbs = peaks(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None) if dtype == torch.bfloat16 else None

@@ -42,16 +42,21 @@ def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best observed fp32 GFLOP/s of an (n, n) @ (n, n) product on the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+def best_seconds(fn, repeats: int) -> float:
+    """Fastest of `repeats` calls of fn, after one warm-up call."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best observed fp32 GFLOP/s of an (n, n) @ (n, n) product on the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
 def shapes_gflops(args, T: int, head_tokens: int, repeats: int = 5) -> float:
@@ -69,13 +74,7 @@ def shapes_gflops(args, T: int, head_tokens: int, repeats: int = 5) -> float:
     for m, k, n in shapes:
         x, w, g = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
         for fn in (lambda: x @ w.t(), lambda: g @ w):  # forward and input gradient, as autograd runs them
-            fn()
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - t0)
-            total_flops, total_s = total_flops + 2 * m * k * n, total_s + best
+            total_flops, total_s = total_flops + 2 * m * k * n, total_s + best_seconds(fn, repeats)
     return total_flops / total_s / 1e9
 
 
