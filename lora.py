@@ -89,8 +89,7 @@ def check_settings(model, rank: int, targets, layers) -> list[int]:
     out = [i for i in layers if not 0 <= i < n_layers]
     if out or not layers:
         raise LoraError(f"layer {out[0] if out else '(none)'} out of range: this model has layers 0..{n_layers - 1}")
-    dims = {"mlp": model.args.dim}
-    if rank > min(dims.get(t, 1 << 30) for t in targets) or rank > model.args.dim:
+    if rank > model.args.dim:
         raise LoraError(f"rank {rank} exceeds the width of the adapted modules ({model.args.dim})")
     return layers
 
@@ -190,8 +189,7 @@ def save_adapter(model, path) -> None:
         (d / "adapter.json").write_text(json.dumps(cfg, indent=1))
         if "mlp" in cfg["targets"]:
             return  # PEFT has no whole-block adapter; our format only
-        peft = {f"base_model.model.{k[: -len('.lora_A')]}.lora_A.weight" if k.endswith("lora_A")
-                else f"base_model.model.{k[: -len('.lora_B')]}.lora_B.weight": v for k, v in sd.items()}
+        peft = {f"base_model.model.{k}.weight": v for k, v in sd.items()}  # <module>.lora_A -> ...lora_A.weight
         save_file(peft, str(d / "adapter_model.safetensors"))
         all_layers = cfg["layers"] == list(range(model.args.n_layers))
         (d / "adapter_config.json").write_text(json.dumps(dict(
