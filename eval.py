@@ -101,16 +101,22 @@ class PrefixCache:
     def _compute(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.run_layers(self.model.embed(ids), stop=self.start)
 
+    def _keep(self, key: int, h: torch.Tensor) -> bool:
+        """Hold h for example `key` if the memory budget allows; whether it did."""
+        size = h.numel() * h.element_size()
+        if size > self.budget:
+            return False
+        self.budget -= size
+        self.h[key] = h
+        return True
+
     def fill(self, examples: list[Example]) -> bool:
         """Compute every example now, in order; False if they do not all fit in memory."""
         for e in examples:
             if e.id not in self.h:
                 ids = torch.tensor([e.prompt + e.answer[:-1]], device=self.model.lm_head.weight.device)
-                h = self._compute(ids)[0]
-                if self.budget < h.numel() * h.element_size():
+                if not self._keep(e.id, self._compute(ids)[0]):
                     return False
-                self.budget -= h.numel() * h.element_size()
-                self.h[e.id] = h
         return True
 
     def batch(self, examples: list[Example], ids: torch.Tensor) -> torch.Tensor:
@@ -124,9 +130,7 @@ class PrefixCache:
             h = self.h.get(e.id)
             if h is None:
                 h = self._compute(ids[b : b + 1, :n])[0]  # (n, D)
-                if self.budget >= h.numel() * h.element_size():
-                    self.budget -= h.numel() * h.element_size()
-                    self.h[e.id] = h
+                self._keep(e.id, h)
             if out is None:
                 out = torch.zeros(B, T, h.shape[-1], dtype=h.dtype, device=h.device)
             out[b, :n] = h  # right padding stays zero: causal attention never looks ahead

@@ -188,9 +188,8 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def shard(model, checkpointing: bool = False) -> None:
-    """FSDP2: shard each decoder layer's frozen weights over the processes (optionally recomputing
-    activations per layer). LoRA weights stay whole on every process (they are tiny, fp32, and their
+def shard(model) -> None:
+    """FSDP2: shard each decoder layer's frozen weights over the processes. LoRA weights stay whole on every process (they are tiny, fp32, and their
     gradients are summed by hand), and so do embeddings, final norm and head, which the chunked loss
     reads outside forward. Sharding those as FSDP's root would not lower peak memory: FSDP2 keeps
     the root's weights gathered from forward through backward, and a frozen base has no root
@@ -202,7 +201,6 @@ def shard(model, checkpointing: bool = False) -> None:
     lora = set(lora_parameters(model))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, ignored_params=lora & set(block.parameters()))
-    model.activation_checkpointing = checkpointing
 
 
 def allsum(x, world: int):
@@ -310,11 +308,10 @@ def main(cfg: Config) -> dict | None:
     start_layer = min(model.lora_config["layers"])
     prefix = PrefixCache(model, start_layer, cfg.prefix_cache_mb) if start_layer > 0 else None
     if world > 1:
-        shard(model, cfg.activation_checkpointing)
+        shard(model)
         if prefix is not None and not prefix.fill(ex):  # processes must run layers in lockstep
             prefix = None
-    else:
-        model.activation_checkpointing = cfg.activation_checkpointing
+    model.activation_checkpointing = cfg.activation_checkpointing
     model.compile_layers = cfg.compile
 
     with adapter_disabled(model):  # L_init: the frozen model's loss, computed once
