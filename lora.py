@@ -2,13 +2,15 @@
 
     from lora import add_lora, load_adapter, save_adapter
     n = add_lora(model, rank=16, targets=("q_proj", "v_proj"))           # standard PEFT-style LoRA
-    n = add_lora(model, rank=4, targets=("mlp",), layers=[20], init="paper", dropout=0.1)
+    n = add_lora(model, rank=4, targets=("mlp",), layers=[20], init="paper", dropout=0.1)  # output dropout
     with adapter_disabled(model): ...                                     # the frozen reference model
     save_adapter(model, "runs/x"); load_adapter(fresh_model, "runs/x")
 
-One wrapper computes y = base(x) + s·B(A(drop(x))). B starts at zero, so the model is unchanged at
-step 0. On the `mlp` target the whole MLP block is wrapped: the adapter reads the MLP input (the
-post-attention RMSNorm output) and adds to the MLP output, h_out = h_mid + MLP(x) + s·x·Aᵀ·Bᵀ.
+One wrapper computes y = base(x) + s·B(A(x)), with dropout where the preset puts it: on the adapter's
+output for the paper, y = base(x) + drop(s·B(A(x))), as the authors' intervention does; on its input
+for the standard preset, y = base(x) + s·B(A(drop(x))), as PEFT does. B starts at zero, so the model
+is unchanged at step 0. On the `mlp` target the whole MLP block is wrapped: the adapter reads the MLP
+input (the post-attention RMSNorm output) and adds to the MLP output, h_out = h_mid + MLP(x) + s·x·Aᵀ·Bᵀ.
 """
 
 import json
@@ -25,9 +27,10 @@ import torch.nn.functional as F
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGETS = LINEAR + ("mlp",)
 PRESETS = {
-    # The paper's probe: one whole-MLP adapter at ~2/3 depth, kaiming with fan_in = r, s = 1, dropout 0.1.
-    "paper": dict(targets=("mlp",), init="paper", dropout=0.1),
-    "standard": dict(targets=("q_proj", "v_proj"), init="standard", dropout=0.0),
+    # The paper's probe: one whole-MLP adapter at ~2/3 depth, kaiming with fan_in = r, s = 1, and
+    # dropout 0.1 on the adapter's output (the authors' lora_dropout(x @ A @ B)).
+    "paper": dict(targets=("mlp",), init="paper", dropout=0.1, dropout_at="output"),
+    "standard": dict(targets=("q_proj", "v_proj"), init="standard", dropout=0.0, dropout_at="input"),
 }
 
 
@@ -38,9 +41,10 @@ class LoraError(Exception):
 class LoRA(nn.Module):
     """Wraps `base` (d_in -> d_out) and adds a low-rank update s·B·A; A is (r, d_in), B is (d_out, r)."""
 
-    def __init__(self, base: nn.Module, d_in: int, d_out: int, rank: int, scale: float, dropout: float, init: str):
+    def __init__(self, base: nn.Module, d_in: int, d_out: int, rank: int, scale: float, dropout: float, init: str,
+                 dropout_at: str):
         super().__init__()
-        self.base, self.rank, self.scale = base, rank, scale
+        self.base, self.rank, self.scale, self.dropout_at = base, rank, scale, dropout_at
         dev = next(base.parameters()).device
         self.lora_A = nn.Parameter(torch.empty(rank, d_in, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, device=dev, dtype=torch.float32))
@@ -56,7 +60,10 @@ class LoRA(nn.Module):
         if self.disabled or self.merged:
             return y
         # LoRA weights stay fp32 (master copy); compute in the activations' dtype (bf16 on GPU).
-        z = F.linear(F.linear(self.drop(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        a = self.drop(x) if self.dropout_at == "input" else x
+        z = F.linear(F.linear(a, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))  # (..., d_out)
+        if self.dropout_at == "output":
+            z = self.drop(z)
         return y + self.scale * z
 
     def delta_weight(self) -> torch.Tensor:
@@ -95,7 +102,7 @@ def check_settings(model, rank: int, targets, layers) -> list[int]:
 
 
 def add_lora(model, rank: int, targets=("q_proj", "v_proj"), layers=None, alpha=None, dropout=0.0,
-             init="standard") -> int:
+             init="standard", dropout_at=None) -> int:
     """Wrap each target in each chosen layer; freeze everything else. Returns the trainable count."""
     targets = tuple(targets)
     layers = check_settings(model, rank, targets, layers)
@@ -103,6 +110,10 @@ def add_lora(model, rank: int, targets=("q_proj", "v_proj"), layers=None, alpha=
         raise LoraError("this model already carries an adapter")
     if init not in ("paper", "standard"):
         raise LoraError(f"unknown init {init!r}; choose paper or standard")
+    if dropout_at is None:  # each init's own preset: the authors drop the output, PEFT the input
+        dropout_at = "output" if init == "paper" else "input"
+    if dropout_at not in ("input", "output"):
+        raise LoraError(f"unknown dropout_at {dropout_at!r}; choose input or output")
     alpha = rank if alpha is None else alpha  # s = alpha/r = 1 by default, as in the paper
     scale = 1.0 if init == "paper" else alpha / rank
     model.requires_grad_(False)
@@ -112,9 +123,11 @@ def add_lora(model, rank: int, targets=("q_proj", "v_proj"), layers=None, alpha=
             parent, attr = _site(block, t)
             base = getattr(parent, attr)
             d_in, d_out = (model.args.dim, model.args.dim) if t == "mlp" else (base.in_features, base.out_features)
-            setattr(parent, attr, LoRA(base, d_in, d_out, rank, scale, dropout, init).train(base.training))
+            lora = LoRA(base, d_in, d_out, rank, scale, dropout, init, dropout_at)
+            setattr(parent, attr, lora.train(base.training))
     model.lora_config = dict(rank=rank, alpha=alpha, scale=scale, targets=list(targets), layers=layers,
-                             dropout=dropout, init=init, base_model=getattr(model, "name", None))
+                             dropout=dropout, dropout_at=dropout_at, init=init,
+                             base_model=getattr(model, "name", None))
     return sum(p.numel() for p in lora_parameters(model))
 
 
@@ -192,8 +205,10 @@ def save_adapter(model, path) -> None:
         peft = {f"base_model.model.{k}.weight": v for k, v in sd.items()}  # <module>.lora_A -> ...lora_A.weight
         save_file(peft, str(d / "adapter_model.safetensors"))
         all_layers = cfg["layers"] == list(range(model.args.n_layers))
+        # PEFT scales by lora_alpha / r, so export the alpha that gives our s: the paper init forces s = 1
+        # whatever alpha says. PEFT's dropout sits on the input; it acts only in training, not on loading.
         (d / "adapter_config.json").write_text(json.dumps(dict(
-            peft_type="LORA", task_type="CAUSAL_LM", r=cfg["rank"], lora_alpha=cfg["alpha"],
+            peft_type="LORA", task_type="CAUSAL_LM", r=cfg["rank"], lora_alpha=cfg["scale"] * cfg["rank"],
             lora_dropout=cfg["dropout"], target_modules=cfg["targets"], bias="none", fan_in_fan_out=False,
             layers_to_transform=None if all_layers else cfg["layers"], base_model_name_or_path=cfg["base_model"],
             inference_mode=True, use_rslora=False, init_lora_weights=True), indent=1))
@@ -209,7 +224,10 @@ def load_adapter(model, path) -> dict:
     if not (path / "adapter.json").is_file() or not (path / "adapter.safetensors").is_file():
         raise LoraError(f"no adapter in {path} (expected adapter.json and adapter.safetensors)")
     cfg = json.loads((path / "adapter.json").read_text())
-    add_lora(model, cfg["rank"], cfg["targets"], cfg["layers"], cfg["alpha"], cfg["dropout"], cfg["init"])
+    # Adapters saved before dropout_at was recorded get their init's default (None -> inferred).
+    add_lora(model, cfg["rank"], cfg["targets"], cfg["layers"], cfg["alpha"], cfg["dropout"], cfg["init"],
+             cfg.get("dropout_at"))
+    cfg["dropout_at"] = model.lora_config["dropout_at"]
     sd = load_file(str(path / "adapter.safetensors"))
     mods = lora_modules(model)
     want = {f"{n}.{k}" for n in mods for k in ("lora_A", "lora_B")}

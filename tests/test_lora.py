@@ -1,4 +1,5 @@
-"""LoRA on tiny random Llama/Qwen3: identity at init, merge, the whole-MLP probe, and PEFT loading our adapter."""
+"""LoRA on tiny random Llama/Qwen3: identity at init, merge, the whole-MLP probe, dropout placement, and PEFT
+loading our adapter."""
 
 import json
 import math
@@ -137,23 +138,63 @@ def test_dropout_only_in_train_mode(tiny_llama):
     assert max_diff(logits(m, idx), first) == 0.0
 
 
+def dropout_mask(shape, p, seed) -> torch.Tensor:
+    """The 0/1 mask that dropout draws for `shape` as the first random op after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return (F.dropout(torch.ones(shape), p, training=True) > 0).float()
+
+
+@pytest.mark.parametrize("preset", ["paper", "standard"])
+def test_dropout_placement_closed_form(preset, tiny_llama):
+    p, seed = 0.5, 7
+    m = load_model(tiny_llama)
+    add_lora(m, rank=4, targets=("v_proj",), layers=[0], alpha=8, dropout=p, init=PRESETS[preset]["init"])
+    assert m.lora_config["dropout_at"] == PRESETS[preset]["dropout_at"]
+    randomize_B(m)
+    mod = lora_modules(m)["model.layers.0.self_attn.v_proj"]  # 64 -> 32, so a misplaced mask cannot fit
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    A, B = mod.lora_A.detach(), mod.lora_B.detach()
+    s = 1.0 if preset == "paper" else 8 / 4  # the paper init forces s = 1; the standard one has alpha / r
+    with torch.no_grad():
+        base = mod.base(x)
+        mod.train()
+        torch.manual_seed(seed)  # the base is a plain linear: the adapter's dropout is the first random op
+        got = mod(x)
+        off = mod.eval()(x)
+    if preset == "paper":  # the authors' h + drop(x·A·B)
+        mask = dropout_mask((2, 5, 32), p, seed)
+        want = base + s * ((x @ A.T @ B.T) * mask / (1 - p))
+    else:  # PEFT's B(A(drop(x)))
+        mask = dropout_mask((2, 5, 64), p, seed)
+        want = base + s * (((x * mask) / (1 - p)) @ A.T @ B.T)
+    assert mod.scale == s and 0.3 < mask.mean().item() < 0.7  # a real mask, neither all kept nor all dropped
+    assert max_diff(got, want) <= 1e-5
+    assert max_diff(off, base + s * (x @ A.T @ B.T)) <= 1e-5  # no dropout in eval mode
+    assert max_diff(got, off) > 1e-2  # the mask mattered
+
+
 # ----------------------------------------------------------------------------- saving and loading
 
 
 @pytest.mark.parametrize("fixture", MODELS)
-@pytest.mark.parametrize("layers", [[0, 2], None])
-def test_peft_loads_our_adapter(fixture, layers, request, tmp_path):
+@pytest.mark.parametrize("layers,init,alpha,peft_alpha", [
+    ([0, 2], "standard", 12, 12),  # s = 3, so the scale matters
+    (None, "standard", 12, 12),
+    ([0, 2], "paper", 16, 4),  # the paper init forces s = 1; alpha = 16 would make PEFT scale by 4
+])
+def test_peft_loads_our_adapter(fixture, layers, init, alpha, peft_alpha, request, tmp_path):
     peft = pytest.importorskip("peft")
     path, idx = request.getfixturevalue(fixture), tokens()
     m = load_model(path)
-    add_lora(m, rank=4, targets=("q_proj", "v_proj"), layers=layers, alpha=12)  # s = 3, so the scale matters
+    add_lora(m, rank=4, targets=("q_proj", "v_proj"), layers=layers, alpha=alpha, init=init)
     randomize_B(m)
     ours = logits(m, idx)
     save_adapter(m, tmp_path / "adapter")
 
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
-    assert cfg["r"] == 4 and cfg["lora_alpha"] == 12 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == peft_alpha  # PEFT's alpha / r is our s
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
     assert cfg["layers_to_transform"] == layers  # None means every layer
     assert cfg["base_model_name_or_path"] == str(path)
 
@@ -187,6 +228,18 @@ def test_save_load_round_trip(kw, tiny_qwen3, tmp_path):
     assert ("adapter_model.safetensors" in names) == ("adapter_config.json" in names) == (not is_mlp)
 
 
+@pytest.mark.parametrize("init,dropout_at", [("paper", "output"), ("standard", "input")])
+def test_old_adapter_json_infers_dropout_at(init, dropout_at, tiny_llama, tmp_path):
+    m = load_model(tiny_llama)
+    add_lora(m, rank=4, layers=[1], init=init, dropout_at="input" if init == "paper" else "output")
+    save_adapter(m, tmp_path / "a")
+    meta = tmp_path / "a" / "adapter.json"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "dropout_at"}))
+    fresh = load_model(tiny_llama)
+    assert load_adapter(fresh, tmp_path / "a")["dropout_at"] == dropout_at  # from init, not the lost setting
+    assert {x.dropout_at for x in lora_modules(fresh).values()} == {dropout_at}
+
+
 def test_save_replaces_folder_atomically(tiny_llama, tmp_path):
     out = tmp_path / "adapter"
     m = load_model(tiny_llama)
@@ -217,6 +270,8 @@ def test_errors(tiny_llama, tmp_path):
         add_lora(m, rank=4, layers=[1, 99])
     with pytest.raises(LoraError, match="unknown init"):
         add_lora(m, rank=4, init="gaussian")
+    with pytest.raises(LoraError, match="unknown dropout_at 'middle'; choose input or output"):
+        add_lora(m, rank=4, dropout_at="middle")
     assert not lora_modules(m)  # failed calls leave the model untouched
     add_lora(m, rank=4, targets=("mlp",), layers=[1], init="paper")
     with pytest.raises(LoraError, match="already carries an adapter"):
