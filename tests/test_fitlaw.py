@@ -1,4 +1,5 @@
-"""Tests for fitlaw.py: recover a known law, invert it, and drive the CLI end to end.
+"""Tests for fitlaw.py: recover a known law, invert it, refuse undetermined fits, test the bootstrap and
+the lack-of-fit test on laws of known form, and drive the CLI end to end.
 
     python -m pytest -q tests/test_fitlaw.py
 """
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.optimize import least_squares
+from scipy.stats import f as f_dist
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,15 +30,16 @@ def grid_points(noise=0.01, seed=0, **p):
     return r, l, dl * (1 + noise * np.random.default_rng(seed).standard_normal(r.size))
 
 
-def write_runs(dirpath, r, l, dl, model="m", task="pb", method="sft", noise=None, start=0, **extra):
-    """One results file per point, with the schema's keys."""
+def write_runs(dirpath, r, l, dl, model="m", task="pb", method="sft", noise=None, start=0, seeds=None, **extra):
+    """One results file per point, with the schema's keys; extra keys (schedule=..., ...) go into every run."""
     paths = []
     for i, (ri, li, di) in enumerate(zip(r, l, dl)):
         run = dict(schema=1, model=model, task=task, method=method, rank=int(ri), params=int(ri) * 1000,
-                   length=int(li), noise=noise, seed=0, steps=10, loss_init=3.0, loss_final=3.0 - di,
-                   delta_loss=float(di), token_acc=0.5, exact_match=0.0, stubborn=1,
-                   earliest_stubborn=i % 7, first_failure=(i % 7) + (i % 2), time_s=1.0,
-                   sufficient_violations=0, **extra)
+                   length=int(li), noise=noise, seed=0 if seeds is None else int(seeds[i]), steps=10,
+                   loss_init=3.0, loss_final=3.0 - di, delta_loss=float(di), token_acc=0.5, exact_match=0.0,
+                   stubborn=1, earliest_stubborn=i % 7, first_failure=(i % 7) + (i % 2), time_s=1.0,
+                   sufficient_violations=0)
+        run.update(extra)
         path = Path(dirpath) / f"{model}_{method}_{noise}_{start + i}.json"
         path.write_text(json.dumps(run))
         paths.append(str(path))
@@ -44,6 +48,13 @@ def write_runs(dirpath, r, l, dl, model="m", task="pb", method="sft", noise=None
 
 def cli(*args):
     return subprocess.run([sys.executable, FITLAW, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def groups_of(capsys, paths, **kw):
+    """fitlaw.main in this process (no interpreter start-up) with --json: (exit status, groups, stderr)."""
+    rc = fitlaw.main(paths, as_json=True, **{"n_boot": 0, **kw})
+    out = capsys.readouterr()
+    return rc, json.loads(out.out), out.err
 
 
 def test_fit_recovers_known_law_with_noise():
@@ -117,8 +128,13 @@ def test_cli_json(tmp_path):
     p = cli(*paths, "--json")
     assert p.returncode == 0, p.stderr
     (g,) = json.loads(p.stdout)
-    for k in "model task method noise C alpha beta b r2 mape n x spearman_rho spearman_n".split():
+    keys = ("model task method noise preset steps schedule C alpha beta b r2 mape n points x objective cond ci95 "
+            "bootstrap_n bootstrap_ok replicated_points max_replicates seed_sd seed_cv seed_df lof_F lof_df lof_p "
+            "spearman_rho spearman_n sample_spearman_rho sample_spearman_n sample_spearman_rho_no00 "
+            "sample_spearman_n_no00")
+    for k in keys.split():
         assert k in g, k
+    assert g["schedule"] == "linear" and g["steps"] == 10 and g["bootstrap_n"] == 1000 and g["lof_p"] is None
     assert g["n"] == 30 and g["r2"] > 0.99 and abs(g["alpha"] - 0.4) < 0.02
     # same pairs as write_runs: earliest_stubborn = i % 7, first_failure = i % 7 + i % 2
     expect = spearmanr([i % 7 for i in range(30)], [i % 7 + i % 2 for i in range(30)]).statistic
@@ -137,7 +153,8 @@ def test_cli_params_holdout_and_combined(tmp_path):
     p = cli(*paths, "--json", "--x", "params", "--holdout", "0.2")
     assert p.returncode == 0, p.stderr
     groups = json.loads(p.stdout)
-    assert [g["noise"] for g in groups] == [0.1, 0.5] and all(g["n"] == 12 for g in groups)
+    # the table's fit uses all 15 points; the holdout refit leaves out 3 of them
+    assert [g["noise"] for g in groups] == [0.1, 0.5] and all(g["n"] == 15 and g["holdout_n"] == 3 for g in groups)
     # params = 1000·r: α and β are unchanged, C absorbs 1000^−α
     g = groups[0]
     assert g["x"] == "params" and g["alpha"] == pytest.approx(0.4, rel=1e-4)
@@ -203,3 +220,210 @@ def test_plot_and_grid_write_png(tmp_path):
     for f in (tmp_path / "fit_0.png", tmp_path / "fit_1.png", grid):
         data = f.read_bytes()
         assert len(data) > 1000 and data[:8] == PNG_MAGIC, f
+
+
+# ---- identifiability: a parameter the points cannot determine is an error, not a number
+
+def replicated(fn, k=3, sd=0.02, seed=0, ranks=RANKS, lengths=LENGTHS):
+    """k replicate 'seeds' per grid point: ΔL = fn(r, ℓ) plus additive Gaussian noise of sd."""
+    r, l = (np.repeat(a.ravel().astype(float), k) for a in np.meshgrid(ranks, lengths))
+    return r, l, fn(r, l) + sd * np.random.default_rng(seed).standard_normal(r.size)
+
+
+def true_law(r, l):
+    return fitlaw.law(r, l, **TRUE)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("rank", r"all points have rank 4: α cannot be determined; vary the rank"),
+    ("length", r"all points have length 100: β cannot be determined; vary the length"),
+    ("identical", r"α cannot be determined.*β cannot be determined.*6 points but only 1 distinct"),
+    ("four", r"12 points but only 4 distinct \(rank, length\); a fit of 4 parameters needs at least 5"),
+])
+def test_undetermined_design_raises(case, match):
+    r, l, dl = {"rank": replicated(true_law, k=1, ranks=[4]),
+                "length": replicated(true_law, k=1, lengths=[100]),
+                "identical": replicated(true_law, k=6, ranks=[4], lengths=[100]),
+                "four": replicated(true_law, k=3, ranks=[2, 8], lengths=[50, 400])}[case]
+    with pytest.raises(ValueError, match=match):
+        fitlaw.fit_law(r, l, dl)
+
+
+def test_singular_jacobian_raises():
+    r, l, _ = grid_points()
+    # ΔL the same everywhere: nothing depends on r or ℓ, so C·r^α·ℓ^−β and b are one constant
+    with pytest.raises(ValueError, match=r"near-singular.*C, b cannot be determined separately"):
+        fitlaw.fit_law(r, l, np.full(r.size, 1.5))
+    # exactly linear in log r and log ℓ: the best fit is the limit α, β → 0, C → ∞, b → −∞
+    with pytest.raises(ValueError, match=r"near-singular \(condition number .* > 1e\+06\)"):
+        fitlaw.fit_law(r, l, 2 + 0.3 * np.log(r) - 0.2 * np.log(l))
+    # no dependence on r is not undetermined: α = 0 is a value the data pin down
+    fit = fitlaw.fit_law(r, l, 3 * l ** -0.5 + 0.1)
+    assert abs(fit["alpha"]) < 1e-8 and fit["beta"] == pytest.approx(0.5)
+
+
+def test_cli_undetermined_group_fails(tmp_path):
+    good = write_runs(tmp_path, *grid_points())
+    flat = write_runs(tmp_path, *replicated(true_law, k=1, ranks=[4]), method="memft_sw", start=100)
+    p = cli(*good, *flat, "--json", "--bootstrap", 0)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert "method=memft_sw" in line and "all points have rank 4: α cannot be determined; vary the rank" in line
+    groups = {g["method"]: g for g in json.loads(p.stdout)}
+    assert "error" in groups["memft_sw"] and "alpha" not in groups["memft_sw"] and groups["sft"]["r2"] > 0.99
+
+
+# ---- replicates, bootstrap, lack of fit, objective
+
+def test_lm_batch_matches_scipy():
+    r, l, dl = grid_points(noise=0.01, seed=3)
+    W = np.random.default_rng(0).integers(0, 3, (8, r.size)).astype(float)  # (8, 30) bootstrap-like weights
+    p0 = [4.0, 0.5, 0.5, 0.0]
+    p, conv = fitlaw.lm_batch(r, l, dl, W, p0)
+    assert conv.all()
+    for pk, Wk in zip(p, W):
+        ref = least_squares(lambda q: np.sqrt(Wk) * (fitlaw.law(r, l, *q) - dl), p0, method="lm",
+                            ftol=1e-14, xtol=1e-14, gtol=1e-14).x
+        np.testing.assert_allclose(pk, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_bootstrap_intervals_cover_truth():
+    covered, n_sets = np.zeros(4), 20
+    for seed in range(n_sets):
+        r, l, dl = replicated(true_law, k=3, sd=0.02, seed=seed)
+        fit = fitlaw.fit_law(r, l, dl)
+        assert fit["n"] == 90 and fit["points"] == 30
+        boot = fitlaw.bootstrap(r, l, dl, fit, 300, seed)
+        assert boot["bootstrap_ok"] == 300
+        ci = boot["ci95"]
+        covered += [ci[k][0] <= TRUE[k] <= ci[k][1] for k in fitlaw.NAMES]
+        # informative intervals: at this noise α and β are pinned to a few hundredths
+        assert ci["alpha"][1] - ci["alpha"][0] < 0.1 and ci["beta"][1] - ci["beta"][0] < 0.15
+    assert (covered >= 16).all(), covered  # nominal 95%: 19 of 20 expected
+
+
+def test_bootstrap_skips_unidentifiable_resamples():
+    # 5 distinct points: a resample draws all 5 (so can be fitted) with probability 5!/5^5 ≈ 4%
+    r, l = np.array([1, 2, 4, 8, 16.0]), np.array([50, 100, 50, 100, 200.0])
+    dl = fitlaw.law(r, l, **TRUE)
+    boot = fitlaw.bootstrap(r, l, dl, fitlaw.fit_law(r, l, dl), 500, 0)
+    assert 0 < boot["bootstrap_ok"] < 50 and boot["ci95"] is None
+
+
+def test_lack_of_fit_by_hand():
+    # the "fit" predicts 1 everywhere; points (1,1) and (2,1) have two replicates each
+    r = [1, 1, 2, 2, 1, 2, 4]
+    l = [1, 1, 1, 1, 2, 2, 4]
+    y = [1.0, 1.2, 0.9, 1.1, 1.5, 1.0, 0.8]
+    lof = fitlaw.lack_of_fit(r, l, y, dict(C=1.0, alpha=0.0, beta=0.0, b=0.0))
+    # SS_pe = 4·0.1² = 0.04 on 7 − 5 = 2 df; SS_res = 0.2² + 2·0.1² + 0.5² + 0.2² = 0.35; SS_lof = 0.31 on 1 df
+    assert lof["lof_df"] == [1, 2] and lof["lof_F"] == pytest.approx(0.31 / 0.02)
+    assert lof["lof_p"] == pytest.approx(f_dist.sf(15.5, 1, 2))
+    assert lof["seed_sd"] == pytest.approx(0.02 ** 0.5) and lof["replicated_points"] == 2
+    assert fitlaw.lack_of_fit([1, 2, 4, 8, 16], [1] * 5, [1] * 5, dict(C=1, alpha=0, beta=0, b=0))["lof_p"] is None
+
+
+@pytest.mark.parametrize("form", ["log", "saturating"])
+def test_lack_of_fit_rejects_other_forms(form):
+    other = {"log": lambda r, l: 25 * np.log1p(r) / l + 0.05,
+             "saturating": lambda r, l: 2 * (1 - np.exp(-r / 6)) * (l / 50) ** -0.6 + 0.05}[form]
+    for seed in range(3):
+        r, l, dl = replicated(other, k=3, sd=0.02, seed=seed)
+        assert fitlaw.lack_of_fit(r, l, dl, fitlaw.fit_law(r, l, dl))["lof_p"] < 0.01
+        r, l, dl = replicated(true_law, k=3, sd=0.02, seed=seed)
+        lof = fitlaw.lack_of_fit(r, l, dl, fitlaw.fit_law(r, l, dl))
+        assert lof["lof_p"] > 0.01 and lof["seed_sd"] == pytest.approx(0.02, rel=0.25)
+
+
+def test_relative_objective():
+    r, l, dl = grid_points(noise=0.03, seed=1)
+    fa, fr = fitlaw.fit_law(r, l, dl, "abs"), fitlaw.fit_law(r, l, dl, "rel")
+    pa, pr = (fitlaw.law(r, l, *(f[k] for k in fitlaw.NAMES)) for f in (fa, fr))
+    # each fit is the minimum of its own objective, and the two differ
+    assert np.sum(((pr - dl) / dl) ** 2) < np.sum(((pa - dl) / dl) ** 2)
+    assert np.sum((pa - dl) ** 2) < np.sum((pr - dl) ** 2)
+    assert fr["objective"] == "rel" and abs(fr["alpha"] - TRUE["alpha"]) < 0.05
+
+
+def test_replicates_are_averaged():
+    r, l, dl = replicated(true_law, k=2, sd=0.05, seed=0)
+    fit = fitlaw.fit_law(r, l, dl)
+    pr, pl, ybar, counts, _ = fitlaw.replicate_means(r, l, dl)
+    assert (counts == 2).all() and ybar == pytest.approx((dl[::2] + dl[1::2]) / 2)
+    assert fit == {**fitlaw.fit_law(pr, pl, ybar), "n": 60}
+
+
+# ---- per-sample Spearman, grouping and filters
+
+def test_sample_spearman_by_hand():
+    s = lambda e, f: dict(earliest_stubborn=e, first_failure=f)  # noqa: E731
+    runs = [dict(per_sample=[s(0, 0), s(0, 0), s(1, 2), s(None, 5)]), dict(per_sample=[s(0, 0), s(2, 1), s(3, 3)]),
+            dict(per_sample=None)]
+    # all 6 pairs: tied ranks (2, 2, 2, 4, 5, 6) and (2, 2, 2, 5, 4, 6), Pearson on them = 14.5 / 15.5
+    # without (0, 0): (1, 2), (2, 1), (3, 3), so d = (1, −1, 0) and ρ = 1 − 6·2 / (3·8) = 0.5
+    assert fitlaw.sample_spearman(runs) == dict(sample_spearman_rho=pytest.approx(29 / 31), sample_spearman_n=6,
+                                                sample_spearman_rho_no00=pytest.approx(0.5), sample_spearman_n_no00=3)
+
+
+def test_groups_by_study_and_reports_seeds(tmp_path, capsys):
+    r, l, dl = replicated(true_law, k=2, sd=0.02, seed=0)
+    seeds = np.tile([0, 1], r.size // 2)
+    paths = write_runs(tmp_path, r, l, dl, seeds=seeds)  # no schedule key: the default "linear"
+    paths += write_runs(tmp_path, r, l, dl, seeds=seeds, schedule="linear", start=1000)
+    paths += write_runs(tmp_path, r, l, dl, seeds=seeds, schedule="constant", start=2000)
+    paths += write_runs(tmp_path, r, l, dl, seeds=seeds, preset="fast", start=3000)
+    paths += write_runs(tmp_path, r, l, dl, seeds=seeds, steps=20, start=4000)
+    rc, groups, err = groups_of(capsys, paths)
+    assert rc == 0, err
+    groups = {(g["preset"], g["steps"], g["schedule"]): g for g in groups}
+    assert set(groups) == {(None, 10, "linear"), (None, 10, "constant"), ("fast", 10, "linear"),
+                           (None, 20, "linear")}
+    g = groups[(None, 10, "linear")]
+    assert g["n"] == 120 and g["points"] == 30 and g["replicated_points"] == 30 and g["max_replicates"] == 4
+    assert groups[(None, 10, "constant")]["n"] == 60 and groups[(None, 10, "constant")]["max_replicates"] == 2
+    # pooled seed sd by hand for a 2-replicate group: each point adds (y1 − y2)²/2 to SS_pe; df = 60 − 30
+    by_hand = np.sqrt(np.sum((dl[::2] - dl[1::2]) ** 2 / 2) / 30)
+    assert groups[("fast", 10, "linear")]["seed_sd"] == pytest.approx(by_hand)
+    assert groups[("fast", 10, "linear")]["lof_df"] == [26, 30]
+    text = cli(*paths[:60], "--bootstrap", 200)
+    assert text.returncode == 0, text.stderr
+    assert "30 points replicated (up to 2 runs)" in text.stdout and "lack of fit: F(26, 30) = " in text.stdout
+    assert "95% CI (bootstrap over points, 200 of 200 resamples fitted): C [" in text.stdout
+
+
+def test_where_and_exclude_saturated(tmp_path, capsys):
+    r, l, dl = grid_points(noise=0.01)
+    paths = write_runs(tmp_path, r, l, dl, task="longctx", noise=1.0, lr=0.01)  # seed 0
+    paths += write_runs(tmp_path, r, l, dl, task="longctx", noise=1, seeds=[1] * 30, start=100)  # no lr key
+    paths += write_runs(tmp_path, r, l, dl, task="phonebook", start=200)
+
+    def n_of(*where):
+        rc, groups, _ = groups_of(capsys, paths, where=list(where))
+        assert rc == 0
+        return {(g["task"], g["noise"]): g["n"] for g in groups}
+
+    assert n_of("seed=0") == {("longctx", 1.0): 30, ("phonebook", None): 30}
+    assert n_of("noise=1.0") == {("longctx", 1.0): 60}
+    assert n_of("task=longctx", "seed=1") == {("longctx", 1.0): 30}
+    assert n_of("noise=null") == {("phonebook", None): 30}
+    assert n_of("lr=0.01") == {("longctx", 1.0): 30}  # runs without an lr key do not match
+    assert n_of("schedule=linear")[("phonebook", None)] == 30  # the default fills absent schedules
+    rc, groups, err = groups_of(capsys, paths, where=["seed=7"])
+    assert rc == 1 and groups == [] and "0 of 90 runs match" in err and "no run matches" in err
+    p = cli(*paths, "--where", "seed")
+    assert p.returncode == 2 and "key=value" in p.stderr
+    p = cli(*paths, "--where", "task=phonebook", "--where", "seed=0", "--json", "--bootstrap", 0)
+    assert [g["n"] for g in json.loads(p.stdout)] == [30] and "30 of 90 runs match" in p.stderr
+
+    sat = tmp_path / "sat"
+    sat.mkdir()
+    em = [1.0 if i in (0, 7) else 0.0 for i in range(30)]  # memorised at two points
+    paths = [write_runs(sat, r[i:i + 1], l[i:i + 1], dl[i:i + 1], start=i, exact_match=em[i])[0] for i in range(30)]
+    # a second seed at point 3 is saturated (ΔL ≥ 0.95·loss_init); the first is not, but the point goes whole
+    paths += write_runs(sat, r[3:4], l[3:4], dl[3:4], start=100, seeds=[1], loss_init=dl[3] / 0.96)
+    _, (g,), _ = groups_of(capsys, paths, exclude_saturated=True)
+    assert g["dropped_points"] == 3 and g["dropped_runs"] == 4 and g["n"] == 27 and g["points"] == 27
+    _, (g,), _ = groups_of(capsys, paths)
+    assert g["n"] == 31 and g["points"] == 30 and "dropped_points" not in g
+    p = cli(*paths, "--exclude-saturated", "--bootstrap", 0)
+    assert p.returncode == 0 and "--exclude-saturated dropped 3 points (4 runs)" in p.stdout
