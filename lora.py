@@ -182,8 +182,12 @@ def atomic_dir(path: Path, write) -> None:
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except BaseException:  # a failed write (full disk, Ctrl-C) leaves no temporary folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)

@@ -4,31 +4,36 @@
     python train.py --task longctx --length 200 --noise 1.0 --rank 8 --method sw
     python train.py --model DIR --task phonebook --length 60 --rank 4 --targets q_proj,v_proj --method ot --steps 30
     python train.py --ranks 1,2,4,8 --lengths 50,100,200 --task longctx     # a resumable grid sweep
-    torchrun --nproc_per_node 2 train.py ...                               # FSDP2 over 2 processes
+    torchrun --nproc_per_node 2 train.py ...                               # data parallel, FSDP2 over 2 processes
 
-Each run writes <out>/<name>.json (results, SPEC §7 keys, with a per-step history) and <out>/<name>/
-(the adapter). A killed run started again with the same command resumes from <out>/<name>.ckpt/.
+Each run writes <out>/<name>.json (results, with a per-step history and the settings that produced
+them) and <out>/<name>/ (the adapter). A killed run started again with the same command resumes
+from <out>/<name>.ckpt/. A finished run is reused only when every setting that changes its
+numbers matches; otherwise the run stops and names the settings that differ.
+
+Reading order: `train_step` (one micro-batch, top to bottom), then `Processes` (the data-parallel
+layer around it), then `train` (the loop) and `main` (one run, from settings to results file).
 """
 
-import ctypes
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from data import DataError, load_tokenizer, make_task
+from data import DataError, Example, load_tokenizer, make_task
 from eval import LN2, PrefixCache, answer_losses, evaluate, sampled_recall, teacher_forced
-from lora import PRESETS, LoraError, adapter_disabled, add_lora, atomic_dir, lora_parameters, save_adapter
+from lora import PRESETS, TARGETS, LoraError, adapter_disabled, add_lora, atomic_dir, lora_parameters, save_adapter
 from memft import SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights, weighted_loss
-from model import ModelError, load_model
+from model import ModelError, default_device_dtype, load_model
 
-SCHEMA = 1
+SCHEMA = 2  # 2: results carry `settings` and `processes`
 
 
 @dataclass
@@ -57,6 +62,7 @@ class Config:
     seed: int = 0
     out: str = "runs"
     name: str | None = None
+    overwrite: bool = False
     save_every: int = 0  # 0 -> about 10 checkpoints per run
     activation_checkpointing: bool = False
     compile: bool = False
@@ -77,7 +83,42 @@ class Config:
 
 
 class RunError(Exception):
-    """Bad settings for a run, worded for the user."""
+    """Bad settings for a run, or a run that cannot go on, worded for the user."""
+
+
+class RunInterrupted(RunError):
+    """Ctrl-C: the run stopped between two steps after saving a checkpoint."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+# Settings that change only speed, memory, where files go or how often they are written. Every
+# other setting changes the numbers, so a finished run or a checkpoint is reused only when all of
+# those match (`identity`).
+NOT_IDENTITY = ("out", "name", "overwrite", "save_every", "prefix_cache_mb", "activation_checkpointing", "compile")
+
+
+def identity(cfg: Config, processes: int) -> dict:
+    """Everything that determines a run's numbers, the number of processes included."""
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY} | {"processes": processes}
+
+
+def differences(saved: dict, wanted: dict) -> list[str]:
+    """'key saved -> wanted' for every setting that differs."""
+    missing = object()
+    keys = sorted(set(saved) | set(wanted))
+    return [f"{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys
+            if saved.get(k, missing) != wanted.get(k, missing)]
+
+
+def refuse_other_settings(saved: dict | None, wanted: dict, path: Path) -> None:
+    """One check for finished results and checkpoints alike: reuse only what the same settings made."""
+    way_out = "rerun with --overwrite to replace it, or choose another --name"
+    if saved is None:
+        raise RunError(f"{path} does not record its settings (an older format); {way_out}")
+    diff = differences(saved, wanted)
+    if diff:
+        raise RunError(f"{path} holds a run with other settings ({'; '.join(diff)}); {way_out}")
 
 
 def check(cfg: Config) -> None:
@@ -87,22 +128,57 @@ def check(cfg: Config) -> None:
     for k, v in positive.items():
         if v is not None and v <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {v}")
-    if cfg.steps is not None and cfg.steps < 0:  # 0 steps: evaluate the untrained adapter (ΔL = 0)
-        raise RunError(f"--steps must be 0 or more, got {cfg.steps}")
-    if cfg.ot_fallback not in ("sft", "skip"):
-        raise RunError(f"unknown --ot-fallback {cfg.ot_fallback!r}; choose sft or skip")
+    at_least_zero = dict(steps=cfg.steps, save_every=cfg.save_every, sample_recall=cfg.sample_recall, seed=cfg.seed)
+    for k, v in at_least_zero.items():  # 0 steps: evaluate the untrained adapter (ΔL = 0)
+        if v is not None and v < 0:
+            raise RunError(f"--{k.replace('_', '-')} must be 0 or more, got {v}")
+    finite = dict(lr=(cfg.lr, 0, None), alpha=(cfg.alpha, 0, None), temperature=(cfg.temperature, None, None),
+                  prefix_cache_mb=(cfg.prefix_cache_mb, None, None))
+    for k, (v, above, _) in finite.items():
+        if v is None:
+            continue
+        if not math.isfinite(v) or (above is not None and v <= above) or v < 0:
+            want = "a finite number above 0" if above is not None else "a finite number, 0 or more"
+            raise RunError(f"--{k.replace('_', '-')} must be {want}, got {v}")
+    ranges = dict(noise=(cfg.noise, 0.0, 1.0, "in [0, 1]"), dropout=(cfg.dropout, 0.0, 1.0, "in [0, 1)"),
+                  top_p=(cfg.top_p, 0.0, 1.0, "in (0, 1]"))
+    for k, (v, lo, hi, words) in ranges.items():
+        if v is None:
+            continue
+        ok = math.isfinite(v) and lo <= v <= hi
+        ok = ok and not (k == "dropout" and v >= 1) and not (k == "top_p" and v <= 0)
+        if not ok:
+            raise RunError(f"--{k.replace('_', '-')} must be {words}, got {v}")
+    choices = dict(task=(cfg.task, ("phonebook", "longctx", "linear")), method=(cfg.method, ("sft", "ot", "sw")),
+                   preset=(cfg.preset, tuple(PRESETS)), ot_fallback=(cfg.ot_fallback, ("sft", "skip")),
+                   sw_flavour=(cfg.sw_flavour, (None, "window", "curriculum")))
+    for k, (v, allowed) in choices.items():
+        if v not in allowed:
+            raise RunError(f"unknown --{k.replace('_', '-')} {v!r}; choose {', '.join(a for a in allowed if a)}")
+    for t in (cfg.targets or "").split(","):
+        if cfg.targets is not None and t.strip() not in TARGETS:
+            raise RunError(f"unknown LoRA target {t.strip()!r}; choose from {', '.join(TARGETS)}")
+    if cfg.layers:
+        try:
+            [int(x) for x in cfg.layers.split(",")]
+        except ValueError:
+            raise RunError(f"--layers takes comma-separated integers, got {cfg.layers!r}") from None
+    try:
+        default_device_dtype(cfg.device or "cpu", cfg.dtype)
+    except ModelError as e:
+        raise RunError(str(e)) from None
+    except RuntimeError:
+        raise RunError(f"unknown --device {cfg.device!r}; use cpu, cuda or cuda:N") from None
+    for f in (cfg.data, cfg.text):
+        if f is not None and not Path(f).is_file():
+            raise RunError(f"file not found: {f}")
 
 
 def resolve_lora(cfg: Config, n_layers: int) -> dict:
-    if cfg.preset not in PRESETS:
-        raise RunError(f"unknown preset {cfg.preset!r}; choose {', '.join(PRESETS)}")
     p = PRESETS[cfg.preset]
     targets = tuple(t.strip() for t in cfg.targets.split(",")) if cfg.targets else p["targets"]
     if cfg.layers:
-        try:
-            layers = [int(x) for x in cfg.layers.split(",")]
-        except ValueError:
-            raise RunError(f"--layers takes comma-separated integers, got {cfg.layers!r}") from None
+        layers = [int(x) for x in cfg.layers.split(",")]
     else:  # the paper probes one layer at about two-thirds depth (20 of 30, 24 of 36, ...)
         layers = [round(n_layers * 2 / 3)] if cfg.preset == "paper" else None
     dropout = p["dropout"] if cfg.dropout is None else cfg.dropout
@@ -110,18 +186,14 @@ def resolve_lora(cfg: Config, n_layers: int) -> dict:
 
 
 def resolve_method(cfg: Config) -> str:
-    if cfg.method not in ("sft", "ot", "sw"):
-        raise RunError(f"unknown method {cfg.method!r}; choose sft, ot or sw")
+    """sft | ot | sw_window | sw_curriculum (MemFT-SW's flavour follows the task unless given)."""
     if cfg.method != "sw":
         return cfg.method
-    flavour = cfg.sw_flavour or ("window" if cfg.task == "longctx" else "curriculum")
-    if flavour not in ("window", "curriculum"):
-        raise RunError(f"unknown --sw-flavour {flavour!r}; choose window or curriculum")
-    return f"sw_{flavour}"
+    return f"sw_{cfg.sw_flavour or ('window' if cfg.task == 'longctx' else 'curriculum')}"
 
 
-def schedule(n: int, cfg: Config, method: str, length: int) -> list[list[int]]:
-    """Every optimizer step's batches (lists of example indices), fixed by the seed up front.
+def schedule(n: int, cfg: Config, method: str, length: int) -> list[list[list[int]]]:
+    """Every optimizer step's micro-batches (lists of example indices), fixed by the seed up front.
 
     Plain methods reshuffle each epoch. MemFT-SW's curriculum shuffles once and trains the first
     `curriculum_size` samples in fixed batches, so later stages append batches and keep old ones.
@@ -156,7 +228,201 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-# ----------------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------------- one training step
+
+
+@dataclass
+class MemState:
+    """What training carries from step to step, per sample id: MemFT-SW's window (anchor, how
+    long it stayed, expansion E) and whether the sample's last teacher-forced pass was exact."""
+
+    sliding: SlidingState = field(default_factory=SlidingState)
+    exact: dict[int, bool] = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return dict(sliding=self.sliding.state_dict(), exact={str(k): v for k, v in self.exact.items()})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sliding.load_state_dict(state["sliding"])
+        self.exact = {int(k): v for k, v in state["exact"].items()}
+
+
+def answer_rows(batch: list[Example], width: int, *flat: torch.Tensor) -> list[torch.Tensor]:
+    """Flat per-answer-token values (N,) -> zero-padded rows (B, width), one row per example."""
+    mask = answer_mask(batch, width).to(flat[0].device)
+    rows = []
+    for x in flat:
+        r = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        r[mask] = x
+        rows.append(r)
+    return rows
+
+
+def answer_mask(batch: list[Example], width: int) -> torch.Tensor:
+    """(B, width) bool: True on each example's answer tokens."""
+    lens = torch.tensor([len(e.answer) for e in batch])
+    return torch.arange(width)[None] < lens[:, None]
+
+
+def memft_weights(method: str, ot_fallback: str, batch: list[Example], losses, mask, wrong, state: MemState):
+    """MemFT token weights (B, A) for a whole micro-batch; records each sample's window and exactness."""
+    E = 1.0
+    if method == "sw_window":  # the window's expansion depends on how long each sample's anchor stayed put
+        E = state.sliding.update([e.id for e in batch], anchor_positions(mask, wrong)).to(losses.device)
+    w, info = method_weights(method, losses, mask, wrong, E, ot_fallback=ot_fallback)
+    for e, exact in zip(batch, (~wrong | ~mask).all(dim=1).tolist()):
+        state.exact[e.id] = exact
+    return w, info
+
+
+def train_step(model, batch: list[Example], method: str, ot_fallback: str, pad: int, prefix, state: MemState,
+               n_micro: int = 1, procs: "Processes | None" = None) -> dict:
+    """One micro-batch, top to bottom: forward, per-token loss, MemFT weights, backward.
+
+    Adds this micro-batch's share of the gradient to the LoRA weights' .grad and returns its
+    tallies. With several processes each runs its share of the batch, and `procs.gather` hands
+    every process the whole batch's token losses: the weights, and the state they update, are
+    then exactly the single-process ones, computed alike on every process.
+    """
+    procs = procs or Processes()
+    width = max(len(e.answer) for e in batch)                         # A: the longest answer
+    mine = procs.share(batch)
+    loss_t, pred, y = answer_losses(model, mine, pad, prefix)          # (N,) per answer token, with grad
+    losses, wrong = answer_rows(mine, width, loss_t.detach(), pred != y)  # (b, A) this process's rows
+    losses, wrong = procs.gather(batch, losses, wrong)                # (B, A) the whole micro-batch
+    mask = answer_mask(batch, width).to(losses.device)
+    w, info = memft_weights(method, ot_fallback, batch, losses, mask, wrong, state)
+    norm = w[mask].sum()                                               # Σw over the whole micro-batch
+    my_w = procs.mine(w)                                               # (b, A) this process's rows
+    loss = weighted_loss(loss_t, my_w[answer_mask(mine, width).to(w.device)], norm)
+    if not info["skipped"]:  # the same on every process: it was decided on the whole batch
+        (loss * procs.replicated_scale(len(batch)) / n_micro).backward()
+    return dict(loss=float((w * losses)[mask].sum() / norm.clamp(min=1e-8)) / n_micro,
+                ce=float(losses[mask].sum()), n_tok=int(mask.sum()), n_sub=info["n_sub"],
+                skipped=info["skipped"], max_ce=float(losses[mask].max()))
+
+
+# ----------------------------------------------------------------------------- data parallelism
+
+
+@dataclass
+class Processes:
+    """Data parallelism over torchrun's processes. With one process every method is the identity.
+
+    Every collective a run uses lives here, and each one runs on every process, in the same order,
+    whatever that process's data: a process that skipped one would leave the others waiting.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def start(cls) -> "Processes":
+        """Join torchrun's process group when launched with several processes."""
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), world)
+
+    def split(self, n: int) -> bool:
+        """A batch of n is split over the processes when each gets a sample; else each runs it all."""
+        return self.world > 1 and n >= self.world
+
+    def share(self, batch: list) -> list:
+        return batch[self.rank :: self.world] if self.split(len(batch)) else batch
+
+    def mine(self, rows: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a whole-batch tensor (B, ...)."""
+        return rows[self.rank :: self.world] if self.split(len(rows)) else rows
+
+    def replicated_scale(self, n: int) -> float:
+        """1/world when every process runs the whole batch, so that the summed gradients count it once."""
+        return 1.0 if self.world == 1 or self.split(n) else 1.0 / self.world
+
+    def gather(self, batch: list, *rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each process's rows (b, A) -> the whole batch's (B, A), in batch order, on every process."""
+        if not self.split(len(batch)):
+            return list(rows)
+        import torch.distributed as dist
+
+        B, per = len(batch), math.ceil(len(batch) / self.world)  # shares differ by at most one row
+        stacked = torch.stack([r.float() for r in rows], dim=-1)  # (b, A, k)
+        buf = stacked.new_zeros((per,) + stacked.shape[1:])
+        buf[: len(stacked)] = stacked
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(parts, buf)
+        whole = stacked.new_zeros((B,) + stacked.shape[1:])
+        for r, part in enumerate(parts):
+            n = len(range(r, B, self.world))
+            whole[r :: self.world] = part[:n]
+        return [whole[..., i].to(x.dtype) for i, x in enumerate(rows)]
+
+    def sum_grads(self, params: list) -> None:
+        """LoRA weights are replicated, not sharded: add up their gradients by hand."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is True on any (e.g. Ctrl-C reached only some of them)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([float(flag)], device=self.device())
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def all_same(self, ok: bool) -> bool:
+        """Whether `ok` holds on every process."""
+        return not self.any(not ok)
+
+    def gather_tensor(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's copy of a same-shaped tensor, e.g. its RNG state (for checkpoints)."""
+        if self.world == 1:
+            return [t]
+        import torch.distributed as dist
+
+        t = t.to(self.device())
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t)
+        return [p.cpu() for p in parts]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def device(self) -> torch.device:
+        """Where collectives' tensors live: the GPU under nccl, the CPU under gloo."""
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def shard(model, world: int) -> None:
+    """FSDP2: shard each decoder layer's frozen weights over the processes. LoRA weights stay whole on every process (they are tiny, fp32, and their
+    gradients are summed by hand), and so do embeddings, final norm and head, which the chunked loss
+    reads outside forward. Sharding those as FSDP's root would not lower peak memory: FSDP2 keeps
+    the root's weights gathered from forward through backward, and a frozen base has no root
+    gradients or optimizer state to shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(model.lm_head.weight.device.type, (world,))
+    lora = set(lora_parameters(model))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=lora & set(block.parameters()))
 
 
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
@@ -167,6 +433,8 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     4096 answer tokens that left about 2 GB of freed memory resident. Fixing the threshold turns the
     adjustment off. Returns whether it was set.
     """
+    import ctypes
+
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -174,64 +442,118 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     return libc.mallopt(-3, threshold) == 1  # -3 = M_MMAP_THRESHOLD
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun with several processes."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+# ----------------------------------------------------------------------------- files
 
 
-def shard(model) -> None:
-    """FSDP2: shard each decoder layer's frozen weights over the processes. LoRA weights stay whole on every process (they are tiny, fp32, and their
-    gradients are summed by hand), and so do embeddings, final norm and head, which the chunked loss
-    reads outside forward. Sharding those as FSDP's root would not lower peak memory: FSDP2 keeps
-    the root's weights gathered from forward through backward, and a frozen base has no root
-    gradients or optimizer state to shard."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+@dataclass
+class RunFiles:
+    """Where one run's files go: results, adapter, checkpoint and lock."""
 
-    mesh = init_device_mesh(model.lm_head.weight.device.type, (int(os.environ["WORLD_SIZE"]),))
-    lora = set(lora_parameters(model))
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, ignored_params=lora & set(block.parameters()))
+    out: Path
+    name: str
+
+    @property
+    def result(self) -> Path:
+        return self.out / f"{self.name}.json"
+
+    @property
+    def adapter(self) -> Path:
+        return self.out / self.name
+
+    @property
+    def ckpt(self) -> Path:
+        return self.out / f"{self.name}.ckpt"
+
+    @property
+    def lock(self) -> Path:
+        return self.out / f"{self.name}.lock"
+
+    def check_writable(self) -> None:
+        """Fail before anything is loaded, not after hours of training."""
+        probe = self.out / f".{self.name}.write-test-{os.getpid()}"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise RunError(f"cannot write to --out {self.out} ({e.strerror or e}); choose a writable folder") from None
+
+    def remove_all(self) -> None:
+        """--overwrite: the old results, adapter and checkpoint go before the new run starts."""
+        import shutil
+
+        self.result.unlink(missing_ok=True)
+        for d in (self.adapter, self.ckpt, self.ckpt.with_name(self.ckpt.name + ".old")):
+            shutil.rmtree(d, ignore_errors=True)
 
 
-def allsum(x, world: int):
-    """Sum a number or tensor over processes (identity for one process)."""
-    if world == 1:
-        return x
-    import torch.distributed as dist
+class RunLock:
+    """One launch at a time per run: an exclusive flock on <out>/<name>.lock, which holds the owner's pid."""
 
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
-    dist.all_reduce(t)
-    return t.item() if not torch.is_tensor(x) else t.to(x.dtype)
+    def __init__(self, path: Path):
+        self.path, self.fh = path, None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "unknown"
+            fh.close()
+            raise RunError(f"this run is already running in process {owner} (lock {self.path}); wait for it "
+                           f"to finish, or choose another --name") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self.fh = fh
+
+    def release(self) -> None:
+        if self.fh is not None:
+            self.path.unlink(missing_ok=True)
+            self.fh.close()
+            self.fh = None
 
 
-def allmerge(table: dict, keys: list, world: int) -> None:
-    """Data parallel: copy into `table` the entries that the other processes just wrote for their
-    `keys`, so that every process holds the whole batch's per-sample state."""
-    import torch.distributed as dist
-
-    parts = [None] * world
-    dist.all_gather_object(parts, {k: table[k] for k in keys})
-    for part in parts:
-        table.update(part)
-
-
-# ----------------------------------------------------------------------------- checkpoints
+def atomic_json(path: Path, obj) -> None:
+    """Write via a temporary file and a rename; a failed write leaves neither a half file nor the temporary."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def save_checkpoint(path: Path, model, opt, state: dict) -> None:
-    """LoRA weights, AdamW moments and RNG in safetensors; the rest in JSON. Never pickled."""
+def rng_states() -> torch.Tensor:
+    """This process's RNG state (CPU, then CUDA when present) as one uint8 tensor."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states.append(torch.cuda.get_rng_state())
+    return torch.cat(states)
+
+
+def set_rng_states(t: torch.Tensor) -> None:
+    n = torch.get_rng_state().numel()
+    torch.set_rng_state(t[:n].clone())
+    if torch.cuda.is_available() and t.numel() > n:
+        torch.cuda.set_rng_state(t[n:].clone())
+
+
+def save_checkpoint(path: Path, model, opt, state: dict, procs: "Processes") -> None:
+    """LoRA weights, AdamW moments and every process's RNG in safetensors; the rest in JSON. Never pickled.
+
+    Called on every process (each contributes its RNG state); process 0 writes.
+    """
     from safetensors.torch import save_file
 
+    rngs = procs.gather_tensor(rng_states())
+    if procs.rank != 0:
+        return
     params = lora_parameters(model)
     tensors = {f"p{i}": p.detach().cpu() for i, p in enumerate(params)}
     steps = {}
@@ -240,9 +562,8 @@ def save_checkpoint(path: Path, model, opt, state: dict) -> None:
         if s:
             tensors[f"m{i}"], tensors[f"v{i}"] = s["exp_avg"].cpu(), s["exp_avg_sq"].cpu()
             steps[i] = float(s["step"])
-    tensors["rng"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["cuda_rng"] = torch.cuda.get_rng_state()
+    for r, t in enumerate(rngs):
+        tensors[f"rng{r}"] = t
 
     def write(d: Path):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "state.safetensors"))
@@ -251,7 +572,8 @@ def save_checkpoint(path: Path, model, opt, state: dict) -> None:
     atomic_dir(path, write)
 
 
-def load_checkpoint(path: Path, model, opt) -> dict:
+def load_checkpoint(path: Path, model, opt, procs: "Processes") -> dict:
+    """Restore LoRA weights, AdamW moments and this process's own RNG state; returns the JSON state."""
     from safetensors.torch import load_file
 
     t = load_file(str(path / "state.safetensors"))
@@ -264,51 +586,218 @@ def load_checkpoint(path: Path, model, opt) -> dict:
         p = params[int(i)]
         opt.state[p] = {"step": torch.tensor(s), "exp_avg": t[f"m{i}"].to(p.device),
                         "exp_avg_sq": t[f"v{i}"].to(p.device)}
-    torch.set_rng_state(t["rng"])
-    if "cuda_rng" in t and torch.cuda.is_available():
-        torch.cuda.set_rng_state(t["cuda_rng"])
+    set_rng_states(t[f"rng{procs.rank}"])
     return state
 
 
-def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def find_checkpoint(ckpt: Path) -> dict | None:
+    """The checkpoint's JSON state, recovering from a kill between the two renames of a save."""
+    old = ckpt.with_name(ckpt.name + ".old")  # such a kill leaves only this one
+    if not (ckpt / "state.json").exists() and (old / "state.json").exists():
+        os.replace(old, ckpt)
+    f = ckpt / "state.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+class StopRequest:
+    """The first Ctrl-C asks the run to stop after the current step (with a checkpoint); a second one stops it at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def main(cfg: Config) -> dict | None:
-    out = Path(cfg.out)
-    name = cfg.run_name()
-    res_path, ckpt = out / f"{name}.json", out / f"{name}.ckpt"
-    if res_path.exists():
-        print(f"{res_path} exists: run already done (delete it to rerun)")
-        return json.loads(res_path.read_text())
+@dataclass
+class Trainer:
+    """Everything one run's training loop needs."""
+
+    cfg: Config
+    model: torch.nn.Module
+    examples: list[Example]
+    plan: list[list[list[int]]]
+    method: str
+    pad: int
+    prefix: PrefixCache | None
+    procs: Processes
+    files: RunFiles
+    settings: dict
+
+
+def train(t: Trainer) -> dict:
+    """The loop: resume if a checkpoint exists, then one optimizer step per planned step. Returns the training record."""
+    cfg, model, procs = t.cfg, t.model, t.procs
+    say = print if procs.rank == 0 else (lambda *a, **k: None)
+    params = lora_parameters(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    state = MemState()
+    total = len(t.plan)
+    step, history, elapsed, stopped_at, saved_at = 0, [], 0.0, None, None
+    saved = find_checkpoint(t.files.ckpt)
+    if saved is not None:
+        refuse_other_settings(saved.get("settings"), t.settings, t.files.ckpt)
+        st = load_checkpoint(t.files.ckpt, model, opt, procs)
+        step, history, elapsed, stopped_at = st["step"], st["history"], st["elapsed"], st["stopped_at"]
+        state.load_state_dict(st["memft"])
+        saved_at = step
+        say(f"resuming {t.files.name} from step {step}/{total}")
+    save_every = cfg.save_every or max(1, total // 10)
+
+    def checkpoint(now: float) -> None:
+        save_checkpoint(t.files.ckpt, model, opt, dict(settings=t.settings, step=step, history=history,
+                                                       elapsed=now - t0, stopped_at=stopped_at,
+                                                       memft=state.state_dict()), procs)
+
+    model.train()
+    t0 = time.perf_counter() - elapsed
+    t_loop, step0 = time.perf_counter(), step
+    with StopRequest() as stop:
+        while step < total and stopped_at is None:
+            if cfg.stop_when_memorized and memorized(model, t.examples, t.pad, t.prefix, state, step, cfg.eval_every):
+                stopped_at = step
+                break
+            lr = cfg.lr * (1 - step / total)  # linear decay to 0, no warmup
+            for g in opt.param_groups:
+                g["lr"] = lr
+            micro = t.plan[step]
+            rec = dict(loss=0.0, ce=0.0, n_tok=0, n_sub=0, skipped=0, max_ce=0.0)
+            for idx in micro:
+                r = train_step(model, [t.examples[i] for i in idx], t.method, cfg.ot_fallback, t.pad, t.prefix,
+                               state, len(micro), procs)
+                rec = {k: max(rec[k], r[k]) if k == "max_ce" else rec[k] + r[k] for k in rec}
+            procs.sum_grads(params)  # on every process, every step, even when nothing was trained
+            if rec["skipped"] < len(micro):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            if not (math.isfinite(rec["loss"]) and math.isfinite(rec["ce"])):
+                raise RunError(f"the loss became non-finite at step {step + 1} (lr {cfg.lr:g}); no result was "
+                               f"written. Lower --lr and rerun with --overwrite")
+            step += 1
+            em = sum(state.exact.get(e.id, False) for e in t.examples) / len(t.examples)
+            now = time.perf_counter()
+            history.append(dict(step=step, loss=round(rec["loss"], 6), ce=round(rec["ce"] / rec["n_tok"], 6),
+                                max_ce=round(rec["max_ce"], 6), n_sub=rec["n_sub"], em=round(em, 4), lr=lr,
+                                skipped=rec["skipped"] == len(micro), time_s=round(now - t0, 3)))
+            per_step = (now - t_loop) / (step - step0)
+            if step == total or step % max(1, total // 20) == 0 or step - step0 <= 1:
+                say(f"step {step}/{total} | loss {rec['loss']:.4f} | ce {rec['ce'] / rec['n_tok']:.4f} | "
+                    f"sub-threshold {rec['n_sub']}/{rec['n_tok']} | em(train) {em:.2f} | lr {lr:.2e} | "
+                    f"{per_step:.2f}s/step | ETA {fmt_time(per_step * (total - step))}", flush=True)
+            if procs.any(stop.requested):
+                checkpoint(now)
+                raise RunInterrupted(f"stopped at step {step}/{total}: checkpoint saved in {t.files.ckpt}; "
+                                     f"run the same command to resume")
+            if step % save_every == 0 and step < total:
+                checkpoint(now)
+                saved_at = step
+    if saved_at != step or stopped_at is not None:  # evaluation can be interrupted too: keep the trained state
+        checkpoint(time.perf_counter())
+    return dict(steps=step, stopped_at=stopped_at, history=history, time_s=time.perf_counter() - t0)
+
+
+def memorized(model, ex, pad, prefix, state: MemState, step: int, every: int) -> bool:
+    """Phase boundary: every answer token has p > 0.5 with dropout off (then greedy recall is exact).
+
+    Checked every `every` steps, or at once when the last training pass saw every sample exact.
+    The decision is the same on every process (the state is), so all of them run the check.
+    """
+    due = all(state.exact.get(e.id, False) for e in ex) or (step > 0 and step % every == 0)
+    if not due:
+        return False
+    model.eval()
+    tf = teacher_forced(model, ex, pad, prefix=prefix)
+    model.train()
+    return all(bool((loss < LN2).all()) for loss, _ in tf)
+
+
+def start_run(cfg: Config, procs: Processes) -> tuple[RunFiles, dict, dict | None, RunLock | None]:
+    """Claim the run before loading anything: (files, settings, a finished result to reuse or None, lock)."""
+    files = RunFiles(Path(cfg.out), cfg.run_name())
+    files.check_writable()
+    settings = identity(cfg, procs.world)
+    lock, error = None, None
+    if procs.rank == 0:
+        try:
+            lock = RunLock(files.lock)
+            lock.acquire()
+            if cfg.overwrite:
+                files.remove_all()
+        except RunError as e:
+            lock, error = None, e
+    if not procs.all_same(error is None):  # a second launch of a running run: every process stops
+        raise error or RunError("process 0 could not start this run (see its message)")
+    procs.barrier()  # --overwrite's deletions are done before anyone looks for old results
+    try:
+        if files.result.exists():
+            old = json.loads(files.result.read_text())
+            refuse_other_settings(old.get("settings"), settings, files.result)
+            return files, settings, old, lock
+    except BaseException:
+        lock and lock.release()
+        raise
+    return files, settings, None, lock
+
+
+def main(cfg: Config) -> dict:
+    """One run: settings -> data -> model and adapter -> training -> evaluation -> results file."""
     check(cfg)
     method = resolve_method(cfg)
+    procs = Processes.start()
+    if cfg.compile and procs.world > 1:  # FSDP's per-layer hooks split the compiled graphs: slower, not faster
+        raise RunError("--compile runs in a single process only; drop it under torchrun")
+    files, settings, done, lock = start_run(cfg, procs)
+    if done is not None:
+        if procs.rank == 0:
+            print(f"{files.result} exists with the same settings: run already done (--overwrite reruns it)")
+        return done
+    try:
+        return run(cfg, method, procs, files, settings)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: dict) -> dict:
     return_freed_memory()
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    rank, world = distributed()
-    if cfg.compile and world > 1:  # FSDP's per-layer hooks split the compiled graphs: slower, not faster
-        raise RunError("--compile runs in a single process only; drop it under torchrun")
+    tok = load_tokenizer(cfg.model)  # data first: its errors come before the slow model load
+    task = make_task(tok, cfg.task, cfg.length, cfg.noise, cfg.seed, cfg.data, cfg.text, cfg.samples)
+    ex, pad = task.train, tok.pad_id
+    torch.manual_seed(cfg.seed)  # the same adapter init on every process
     device = cfg.device
-    if device is None and world > 1 and torch.cuda.is_available():
+    if device is None and procs.world > 1 and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    tok = load_tokenizer(cfg.model)
-    task = make_task(tok, cfg.task, cfg.length, cfg.noise, cfg.seed, cfg.data, cfg.text, cfg.samples)
-    ex = task.train
-    pad = tok.pad_id
     lcfg = resolve_lora(cfg, model.args.n_layers)
     n_params = add_lora(model, cfg.rank, **lcfg)
-    params = lora_parameters(model)
-    start_layer = min(model.lora_config["layers"])
-    prefix = PrefixCache(model, start_layer, cfg.prefix_cache_mb) if start_layer > 0 else None
-    if world > 1:
-        shard(model)
+    layers = model.lora_config["layers"]
+    prefix = PrefixCache(model, min(layers), cfg.prefix_cache_mb) if min(layers) > 0 else None
+    if procs.world > 1:
+        shard(model, procs.world)
         if prefix is not None and not prefix.fill(ex):  # processes must run layers in lockstep
             prefix = None
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -317,73 +806,13 @@ def main(cfg: Config) -> dict | None:
     with adapter_disabled(model):  # L_init: the frozen model's loss, computed once
         loss_init = [loss for loss, _ in teacher_forced(model, ex, pad, prefix=prefix)]
     plan = schedule(len(ex), cfg, method, task.length)
-    total = len(plan)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    sliding = SlidingState()
-    history, step, elapsed, stopped_at = [], 0, 0.0, None
-    last_exact: dict[int, bool] = {}
-    settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("out", "name", "decode", "device", "sample_recall", "temperature", "top_p")}
-    old = ckpt.with_name(ckpt.name + ".old")  # a kill between the two renames of a save leaves only this
-    if not (ckpt / "state.json").exists() and (old / "state.json").exists():
-        os.replace(old, ckpt)
-    if (ckpt / "state.json").exists():
-        st = load_checkpoint(ckpt, model, opt)
-        if st["settings"] != settings:
-            raise RunError(f"{ckpt} holds a run with other settings; use another --name or delete it")
-        step, history, elapsed = st["step"], st["history"], st["elapsed"]
-        sliding.load_state_dict(st["sliding"])
-        last_exact = {int(k): v for k, v in st["last_exact"].items()}
-        print(f"resuming {name} from step {step}/{total}") if rank == 0 else None
-    save_every = cfg.save_every or max(1, total // 10)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"{name}: {task.name}, {len(ex)} examples, ℓ = {task.length} answer tokens, rank {cfg.rank} "
-          f"{','.join(lcfg['targets'])} @ layers {model.lora_config['layers'] if len(model.lora_config['layers']) < 8 else 'all'}, "
-          f"{n_params:,} params, method {method}, {total} steps, L_init = "
-          f"{sum(float(x.sum()) for x in loss_init) / sum(len(x) for x in loss_init):.3f}")
-
-    model.train()
-    t0 = time.perf_counter() - elapsed
-    t_loop = time.perf_counter()
-    step0 = step
-    while step < total:
-        if cfg.stop_when_memorized and memorized(model, ex, pad, prefix, last_exact, step, cfg.eval_every, world):
-            stopped_at = step
-            break
-        lr = cfg.lr * (1 - step / total)  # linear decay to 0, no warmup
-        for g in opt.param_groups:
-            g["lr"] = lr
-        rec = dict(loss=0.0, ce=0.0, n_sub=0.0, n_tok=0.0, skipped=0.0)
-        max_ce = 0.0  # the worst answer token seen this step (this process's share)
-        micro = plan[step]
-        for idx in micro:
-            r = micro_step(model, [ex[i] for i in idx], method, cfg, pad, prefix, sliding, last_exact,
-                           len(micro), rank, world)
-            max_ce = max(max_ce, r.pop("max_ce"))
-            rec = {k: rec[k] + r[k] for k in rec}
-        rec = {k: allsum(v, world) for k, v in rec.items()}
-        rec["skipped"] = rec["skipped"] / world
-        if rec["skipped"] < len(micro):
-            for p in params:  # LoRA weights are replicated: sum their gradients by hand
-                p.grad = allsum(p.grad if p.grad is not None else torch.zeros_like(p), world)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        em = sum(last_exact.values()) / len(ex)
-        now = time.perf_counter()
-        history.append(dict(step=step, loss=round(rec["loss"], 6), ce=round(rec["ce"] / rec["n_tok"], 6),
-                            max_ce=round(max_ce, 6), n_sub=round(rec["n_sub"]), em=round(em, 4), lr=lr, skipped=rec["skipped"] == len(micro),
-                            time_s=round(now - t0, 3)))
-        per_step = (now - t_loop) / (step - step0)
-        if rank == 0 and (step == total or step % max(1, total // 20) == 0 or step - step0 <= 1):
-            print(f"step {step}/{total} | loss {rec['loss']:.4f} | ce {rec['ce'] / rec['n_tok']:.4f} | "
-                  f"sub-threshold {rec['n_sub']:.0f}/{rec['n_tok']:.0f} | em(train) {em:.2f} | lr {lr:.2e} | "
-                  f"{per_step:.2f}s/step | ETA {fmt_time(per_step * (total - step))}", flush=True)
-        if rank == 0 and step % save_every == 0 and step < total:
-            save_checkpoint(ckpt, model, opt, dict(settings=settings, step=step, history=history,
-                                                   elapsed=now - t0, sliding=sliding.state_dict(),
-                                                   last_exact={str(k): v for k, v in last_exact.items()}))
+    if procs.rank == 0:
+        where = layers if len(layers) < 8 else "all"
+        l_init = sum(float(x.sum()) for x in loss_init) / sum(len(x) for x in loss_init)
+        print(f"{files.name}: {task.name}, {len(ex)} examples, ℓ = {task.length} answer tokens, rank {cfg.rank} "
+              f"{','.join(lcfg['targets'])} @ layers {where}, {n_params:,} params, method {method}, "
+              f"{len(plan)} steps, L_init = {l_init:.3f}" + (f", {procs.world} processes" if procs.world > 1 else ""))
+    trained = train(Trainer(cfg, model, ex, plan, method, pad, prefix, procs, files, settings))
 
     res = evaluate(model, ex, loss_init, pad, prefix, decode=cfg.decode)
     extra = {}
@@ -397,104 +826,75 @@ def main(cfg: Config) -> dict | None:
             held_init = [loss for loss, _ in teacher_forced(model, task.heldout, pad)]
         held = evaluate(model, task.heldout, held_init, pad, None, decode=cfg.decode)
         extra |= dict(heldout_exact_match=held["exact_match"], heldout_token_acc=held["token_acc"],
-                     heldout_delta_loss=held["delta_loss"])
-    result = dict(schema=SCHEMA, name=name, model=model.name, task=task.name, method=cfg.method,
+                      heldout_delta_loss=held["delta_loss"])
+    result = dict(schema=SCHEMA, name=files.name, model=cfg.model, task=task.name, method=cfg.method,
                   method_flavour=method, rank=cfg.rank, params=n_params, length=task.length,
                   answer_tokens=sum(len(e.answer) for e in ex), noise=task.noise, seed=cfg.seed,
-                  steps=step, stopped_at=stopped_at, targets=list(lcfg["targets"]),
-                  layers=model.lora_config["layers"], preset=cfg.preset, lr=cfg.lr, batch_size=cfg.batch_size,
-                  grad_accum=cfg.grad_accum, n_samples=len(ex), data=cfg.data, text=cfg.text, ot_fallback=cfg.ot_fallback,
+                  steps=trained["steps"], stopped_at=trained["stopped_at"], targets=list(lcfg["targets"]),
+                  layers=layers, preset=cfg.preset, lr=cfg.lr, batch_size=cfg.batch_size,
+                  grad_accum=cfg.grad_accum, n_samples=len(ex), data=cfg.data, text=cfg.text,
+                  ot_fallback=cfg.ot_fallback, processes=procs.world, settings=settings,
                   **{k: v for k, v in res.items() if k != "per_sample"}, **extra,
-                  time_s=round(time.perf_counter() - t0, 2),
-                  wall_s=round(time.perf_counter() - t_start, 2), history=history, per_sample=res["per_sample"])
-    if rank != 0:
-        return result
-    out.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, out / name)
-    atomic_json(res_path, result)
-    import shutil
-
-    shutil.rmtree(ckpt, ignore_errors=True)
-    print(f"done: ΔL = {result['delta_loss']:.4f} (L_init {result['loss_init']:.4f} -> {result['loss_final']:.4f}), "
-          f"token acc {result['token_acc']:.3f}, exact match {result['exact_match']:.3f}, stubborn {result['stubborn']}, "
-          f"first failure {result['first_failure']}" + (f", stopped at step {stopped_at}" if stopped_at is not None else "")
-          + (f", held-out EM {extra['heldout_exact_match']:.3f}" if "heldout_exact_match" in extra else "")
-          + f" | {result['time_s']:.1f}s -> {res_path}")
+                  time_s=round(trained["time_s"], 2), wall_s=round(time.perf_counter() - t_start, 2),
+                  history=trained["history"], per_sample=res["per_sample"])
+    if procs.rank == 0:
+        write_results(files, model, result)
+    procs.barrier()  # the files exist before any process moves on (a sweep's next run looks for them)
     return result
 
 
-def micro_step(model, batch, method, cfg, pad, prefix, sliding, last_exact, n_micro, rank, world) -> dict:
-    """Forward, MemFT weights and backward for one micro-batch; returns this process's tallies."""
-    # Data parallel: split the batch over processes when it divides evenly; otherwise every
-    # process runs the whole batch (FSDP needs them in lockstep) and takes 1/world of it.
-    split = world > 1 and len(batch) % world == 0
-    share = 1.0 if split or world == 1 else 1.0 / world
-    batch = batch[rank::world] if split else batch
-    loss_t, pred, y = answer_losses(model, batch, pad, prefix)  # flat over the answer tokens
-    dev = loss_t.device
-    lens = torch.tensor([len(e.answer) for e in batch])
-    mask = (torch.arange(int(lens.max()))[None] < lens[:, None]).to(dev)  # (B, A) answer space
-    lba = torch.zeros(mask.shape, device=dev)
-    lba[mask] = loss_t.detach()
-    wrong = torch.zeros(mask.shape, dtype=torch.bool, device=dev)
-    wrong[mask] = pred != y
-    E = 1.0
-    ids = [e.id for e in batch]
-    if method == "sw_window":
-        E = sliding.update(ids, anchor_positions(mask, wrong)).to(dev)
-        if split:  # a sample may land on another process next time: every process keeps every window
-            allmerge(sliding.samples, ids, world)
-    w, info = method_weights(method, lba, mask, wrong, E, ot_fallback=cfg.ot_fallback)
-    if split and method in ("ot", "sw_curriculum") and info["n_sub"] == 0 and allsum(info["n_sub"], world) > 0:
-        w, info["skipped"] = torch.zeros_like(w), False  # the fallback is decided on the whole batch
-    for e, row_ok in zip(batch, (~wrong | ~mask).all(dim=1).tolist()):
-        last_exact[e.id] = row_ok
-    if split:
-        allmerge(last_exact, ids, world)
-    norm = allsum(w[mask].sum(), world) if split else None  # Σw over the whole batch
-    loss = weighted_loss(loss_t, w[mask], norm) * share / n_micro
-    if not info["skipped"]:
-        loss.backward()
-    return dict(loss=float(loss.detach()), ce=float(loss_t.detach().sum()) * share, n_tok=float(mask.sum()) * share,
-                n_sub=info["n_sub"] * share, skipped=float(info["skipped"]), max_ce=float(loss_t.detach().max()))
+def write_results(files: RunFiles, model, result: dict) -> None:
+    import shutil
 
-
-def memorized(model, ex, pad, prefix, last_exact, step, every, world=1) -> bool:
-    """Phase boundary: every answer token has p > 0.5 with dropout off (then greedy recall is exact)."""
-    due = all(last_exact.get(e.id, False) for e in ex) or (step > 0 and step % every == 0)
-    if not allsum(float(due), world):  # every process decides alike
-        return False
-    model.eval()
-    tf = teacher_forced(model, ex, pad, prefix=prefix)
-    model.train()
-    return all(bool((loss < LN2).all()) for loss, _ in tf)
+    try:
+        save_adapter(model, files.adapter)
+        atomic_json(files.result, result)
+    except OSError as e:
+        raise RunError(f"could not write the results to {files.out} ({e.strerror or e}); training is kept in "
+                       f"{files.ckpt}: free space and run the same command to write them") from None
+    shutil.rmtree(files.ckpt, ignore_errors=True)
+    r, stop = result, result["stopped_at"]
+    recall = ("every answer recalled exactly" if r["exact_match"] == 1.0
+              else f"first failure at position {r['first_failure']}")
+    print(f"done: ΔL = {r['delta_loss']:.4f} (L_init {r['loss_init']:.4f} -> {r['loss_final']:.4f}), "
+          f"token acc {r['token_acc']:.3f}, exact match {r['exact_match']:.3f}, stubborn {r['stubborn']}, {recall}"
+          + (f", stopped at step {stop}" if stop is not None else "")
+          + (f", held-out EM {r['heldout_exact_match']:.3f}" if "heldout_exact_match" in r else "")
+          + f" | {r['time_s']:.1f}s -> {files.result}")
 
 
 def run_grid(cfg: Config, sweep: dict) -> None:
-    """Run every combination one after another; finished runs are skipped, so a killed sweep resumes.
+    """Run every combination one after another; finished runs are reused, so a killed sweep resumes.
 
-    Under torchrun each process takes every world-th run (no FSDP then: runs are independent).
+    Under torchrun every run of the grid uses all the processes, one run after another.
     """
-    from dataclasses import replace
     from itertools import product
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     axes = dict(rank=(sweep["ranks"], int), length=(sweep["lengths"], int), noise=(sweep["noises"], float),
                 method=(sweep["methods"], str))
-    values = {k: [conv(x) for x in v.split(",")] if v else [getattr(cfg, k)] for k, (v, conv) in axes.items()}
+    try:
+        values = {k: [conv(x) for x in v.split(",")] if v else [getattr(cfg, k)] for k, (v, conv) in axes.items()}
+    except ValueError as e:
+        raise RunError(f"a sweep list has a value of the wrong type ({e})") from None
     grid = [replace(cfg, name=None, **dict(zip(values, combo))) for combo in product(*values.values())]
-    mine = grid[rank::world]
+    for c in grid:  # every run's settings, and every finished run's, are checked before the first starts
+        check(c)
+        f = RunFiles(Path(c.out), c.run_name()).result
+        if f.exists() and not c.overwrite:
+            refuse_other_settings(json.loads(f.read_text()).get("settings"),
+                                  identity(c, int(os.environ.get("WORLD_SIZE", 1))), f)
+    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
     t0, done_here = time.perf_counter(), 0
-    for i, c in enumerate(mine):
-        if (Path(c.out) / f"{c.run_name()}.json").exists():
-            print(f"[{i + 1}/{len(mine)}] {c.run_name()}: done already, skipped")
+    for i, c in enumerate(grid):
+        if RunFiles(Path(c.out), c.run_name()).result.exists() and not c.overwrite:  # its settings were checked above
+            say(f"[{i + 1}/{len(grid)}] {c.run_name()}: done already, reused")
             continue
-        left = len(mine) - i
+        left = len(grid) - i
         eta = "" if not done_here else f", ETA {fmt_time((time.perf_counter() - t0) / done_here * left)}"
-        print(f"[{i + 1}/{len(mine)}] {c.run_name()}{eta}", flush=True)
+        say(f"[{i + 1}/{len(grid)}] {c.run_name()}{eta}", flush=True)
         main(c)
         done_here += 1
-    print(f"sweep finished: {len(mine)} runs in {fmt_time(time.perf_counter() - t0)}")
+    say(f"sweep finished: {len(grid)} runs in {fmt_time(time.perf_counter() - t0)}")
 
 
 def parse(argv=None) -> tuple[Config, dict]:
@@ -525,14 +925,16 @@ def parse(argv=None) -> tuple[Config, dict]:
     g.add_argument("--lr", type=float, default=c.lr, help="AdamW peak lr, linear decay (default %(default)s)")
     g.add_argument("--epochs", type=int, default=c.epochs, help="passes over the data (default %(default)s; ignored with --steps)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=c.batch_size)
-    g.add_argument("--grad-accum", type=int, default=c.grad_accum)
-    g.add_argument("--seed", type=int, default=c.seed)
+    g.add_argument("--batch-size", type=int, default=c.batch_size, help="samples per micro-batch (default %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=c.grad_accum, help="micro-batches per optimizer step (default %(default)s)")
+    g.add_argument("--seed", type=int, default=c.seed, help="seed for data, adapter init, dropout and order (default %(default)s)")
     g.add_argument("--stop-when-memorized", action="store_true", help="stop once every answer token has p > 0.5")
     g.add_argument("--eval-every", type=int, default=c.eval_every, help="with --stop-when-memorized: check period")
     g = ap.add_argument_group("output")
     g.add_argument("--out", default=c.out, help="results folder (default %(default)s)")
     g.add_argument("--name", default=None, help="run name (default from the settings)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run or checkpoint of this name even if its settings differ")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint period in steps (default: 10 per run)")
     g.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decoder check of EM")
     g.add_argument("--sample-recall", type=int, default=0, metavar="K", help="also decode K samples per example")
@@ -546,9 +948,9 @@ def parse(argv=None) -> tuple[Config, dict]:
                         "takes 5-20 s). Pays off for adapters on every layer and long answers (CPU, 256 tokens: "
                         "17%% faster steps); not for the one-layer probe on short answers (the default run is slower)")
     g.add_argument("--dtype", default=None, help="fp32 | bf16 (default: fp32 on CPU, bf16 on GPU)")
-    g.add_argument("--device", default=None)
-    g = ap.add_argument_group("sweeps")
-    g.add_argument("--ranks", default=None, help="comma list: run every rank (skips finished runs)")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    g = ap.add_argument_group("sweeps (under torchrun, every run uses all the processes, one run after another)")
+    g.add_argument("--ranks", default=None, help="comma list: run every rank (finished runs are reused)")
     g.add_argument("--lengths", default=None, help="comma list: run every length")
     g.add_argument("--noises", default=None, help="comma list: run every noise ratio")
     g.add_argument("--methods", default=None, help="comma list: run every method")
@@ -557,15 +959,35 @@ def parse(argv=None) -> tuple[Config, dict]:
     return Config(**a), sweep
 
 
+def interrupted_line(cfg: Config) -> str:
+    """What a hard Ctrl-C leaves behind, in one line."""
+    ckpt = RunFiles(Path(cfg.out), cfg.run_name()).ckpt
+    st = find_checkpoint(ckpt) if ckpt.parent.is_dir() else None
+    if st is None:
+        return "interrupted: nothing was saved for this run; run the same command to start it again"
+    return f"interrupted: the checkpoint at step {st['step']} is in {ckpt}; run the same command to resume"
+
+
 def cli(argv=None) -> None:
     cfg, sweep = parse(argv)
+    first = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process speaks for all
     try:
         if any(sweep.values()):
             run_grid(cfg, sweep)
         else:
             main(cfg)
+    except RunInterrupted as e:
+        sys.exit(f"{e}" if first else 130)
+    except KeyboardInterrupt:
+        sys.exit(interrupted_line(cfg) if first else 130)
     except (RunError, ModelError, DataError, LoraError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if first else 1)
+    finally:
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

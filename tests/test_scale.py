@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -94,24 +95,115 @@ def test_prefix_cache_equals_uncached_after_steps(tiny_llama):
     assert not torch.equal(finals[0], torch.zeros_like(finals[0]))
 
 
-def _train(args, out, env=None, torchrun=False):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-           if torchrun else [sys.executable]) + [str(ROOT / "train.py"), *args, "--out", str(out), "--name", "run"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads((out / "run.json").read_text())
+def _train(args, out, env=None, torchrun=False, script="train.py", name="run", check=True, timeout=240):
+    """train.py (or a wrapper script) in a fresh process, or under torchrun with 2 processes; a hang fails the test."""
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+           if torchrun else [sys.executable]) + [str(script), *args, "--out", str(out)] + (["--name", name] if name else [])
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and its workers
+        p.communicate()
+        pytest.fail(f"{' '.join(cmd[-12:])} did not finish in {timeout} s (a hang)")
+    if check:
+        assert p.returncode == 0, stderr[-2000:]
+        return json.loads((out / f"{name}.json").read_text()) if name else None
+    return p
 
 
 @pytest.mark.parametrize("method,extra", [("ot", ["--batch-size", "4"]), ("sw", ["--batch-size", "3"])])
 def test_fsdp_two_processes_match_one(tiny_chat, tmp_path, method, extra):
-    # batch 4 splits over 2 processes (data parallel); batch 3 does not (every process runs it whole)
+    # batch 4 splits 2 + 2 over the processes, batch 3 splits 2 + 1
     args = ["--model", str(tiny_chat), "--task", "phonebook", "--length", "40", "--rank", "4", "--preset",
             "standard", "--targets", "q_proj,v_proj", "--method", method, "--steps", "5", "--no-decode", *extra]
     one = _train(args, tmp_path / "one")
-    two = _train(args, tmp_path / "two", env={"OMP_NUM_THREADS": "1"}, torchrun=True)
-    for a, b in zip(one["history"], two["history"]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4 and a["n_sub"] == b["n_sub"]
-    assert abs(one["loss_final"] - two["loss_final"]) <= 1e-4
+    two = _train(args, tmp_path / "two", torchrun=True)
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["n_sub"] == b["n_sub"]
+    assert abs(one["loss_final"] - two["loss_final"]) <= 1e-5
+    assert two["processes"] == 2 and one["processes"] == 1
+
+
+def _facts(path, rows) -> str:
+    path.write_text("".join(json.dumps(dict(query=q, target=t)) + "\n" for q, t in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("method", [["ot", "--ot-fallback", "skip"], ["sw", "--sw-flavour", "window"],
+                                    ["sw", "--sw-flavour", "curriculum"]], ids=["ot-skip", "sw-window", "sw-curriculum"])
+def test_data_parallel_memft_finishes_when_one_share_is_memorised_first(tiny_chat, tmp_path, method):
+    """Two facts, one per process: the 1-digit one drops below p = 0.5 long before the 18-digit one, so
+    for many steps one process's share has no sub-threshold token and the other's has some. A
+    collective behind a guard on local data hung here (step 33 of 60 on the code before the fix)."""
+    data = _facts(tmp_path / "facts.jsonl", [("Short:", "7"), ("Long one:", "839201746518273645")])
+    args = ["--model", str(tiny_chat), "--data", data, "--rank", "8", "--preset", "standard", "--targets",
+            "q_proj,v_proj", "--method", *method, "--steps", "60", "--batch-size", "2", "--lr", "2e-2"]
+    one = _train(args, tmp_path / "one")
+    two = _train(args, tmp_path / "two", torchrun=True, timeout=180)
+    n_sub = [h["n_sub"] for h in one["history"]]
+    assert n_sub[0] == 21 and n_sub[-1] == 0  # tokens did cross p = 0.5, all of them by the end
+    assert any(h["em"] == 0.5 for h in one["history"])  # a stretch where one fact was exact and the other not
+    # float-order differences (a sum over 2 processes) stay at rounding level until tokens cross p = 0.5,
+    # then high-lr steps amplify them, so the tight check covers the first 20 steps
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one["history"][:20], two["history"][:20])) <= 1e-5
+    assert [h["n_sub"] for h in two["history"][:20]] == n_sub[:20]
+    assert two["token_acc"] == one["token_acc"] == 1.0 and two["exact_match"] == one["exact_match"] == 1.0
+
+
+def test_torchrun_sweep_runs_every_run_on_both_processes(tiny_chat, tmp_path):
+    """Under torchrun a sweep runs its runs one after another, each over all the processes; each result
+    equals the same run done alone in one process."""
+    args = ["--model", str(tiny_chat), "--task", "phonebook", "--length", "40", "--ranks", "1,2", "--preset",
+            "standard", "--targets", "q_proj,v_proj", "--method", "sw", "--steps", "8", "--batch-size", "4",
+            "--no-decode"]
+    _train(args, tmp_path / "two", torchrun=True, name=None)
+    for r in (1, 2):
+        single = [a for a in args if a not in ("--ranks", "1,2")] + ["--rank", str(r)]
+        alone = _train(single, tmp_path / "one", name=f"r{r}")
+        swept = json.loads((tmp_path / "two" / f"phonebook-L40-r{r}-sw-s0.json").read_text())
+        assert swept["rank"] == r and swept["processes"] == 2
+        for a, b in zip(alone["history"], swept["history"], strict=True):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["n_sub"] == b["n_sub"]
+        assert abs(alone["loss_final"] - swept["loss_final"]) <= 1e-5 and alone["token_acc"] == swept["token_acc"]
+
+
+DIE_AFTER = """import sys
+sys.path.insert(0, {root!r})
+import train
+real = train.save_checkpoint
+def save_then_die(path, model, opt, state, procs):
+    real(path, model, opt, state, procs)
+    if state["step"] >= 8:
+        raise SystemExit(3)  # killed right after the step-8 checkpoint is on disk, on every process
+train.save_checkpoint = save_then_die
+train.cli(sys.argv[1:])
+"""
+
+
+def test_torchrun_resume_restores_each_process_rng(tiny_chat, tmp_path):
+    """Each process draws its own dropout masks; a resumed 2-process run equals the uninterrupted one
+    only if every process gets its own RNG state back, not process 0's."""
+    data = _facts(tmp_path / "facts.jsonl", [("Ann:", "1234567890"), ("Bartholomew Fitzgerald-Smythe:", "5550123456"),
+                                             ("Cy:", "9876543210"), ("Dorothea Wilhelmina Q.:", "1112223334")])
+    args = ["--model", str(tiny_chat), "--data", data, "--rank", "4", "--preset", "standard", "--targets",
+            "q_proj,v_proj", "--dropout", "0.3", "--method", "sft", "--steps", "12", "--save-every", "4",
+            "--batch-size", "4", "--no-decode"]
+    wrapper = tmp_path / "die_after.py"
+    wrapper.write_text(DIE_AFTER.format(root=str(ROOT)))
+    p = _train(args, tmp_path / "killed", torchrun=True, script=wrapper, check=False)
+    assert p.returncode != 0
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "killed" / "run.ckpt" / "state.safetensors"))
+    assert not torch.equal(saved["rng0"], saved["rng1"])  # the processes' streams did diverge
+    resumed = _train(args, tmp_path / "killed", torchrun=True)
+    whole = _train(args, tmp_path / "whole", torchrun=True)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    assert resumed["loss_final"] == whole["loss_final"]
+    a, b = (tmp_path / d / "run" / "adapter.safetensors" for d in ("killed", "whole"))
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_fsdp_sliding_windows_follow_samples_across_processes(tiny_chat, tmp_path):
@@ -126,7 +218,7 @@ def test_fsdp_sliding_windows_follow_samples_across_processes(tiny_chat, tmp_pat
             "standard", "--targets", "q_proj,v_proj", "--method", "sw", "--sw-flavour", "window",
             "--batch-size", "2", "--steps", "12", "--no-decode"]
     one = _train(args, tmp_path / "one")
-    two = _train(args, tmp_path / "two", env={"OMP_NUM_THREADS": "1"}, torchrun=True)
+    two = _train(args, tmp_path / "two", torchrun=True)
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one["history"], two["history"], strict=True)) <= 1e-4
 
 

@@ -2,10 +2,17 @@
 resume after a kill, finished-run skipping, sweeps, and one-line errors on bad input."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 import train
+from lora import lora_parameters
 from conftest import run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,15 +63,58 @@ def test_cli_run_writes_results_and_adapter(cli_run, tiny_chat):
     assert not (out / "run.ckpt").exists()  # the checkpoint goes once the results are written
 
 
-def test_finished_run_is_skipped(cli_run, capsys):
+def test_finished_run_is_reused_only_with_the_same_settings(cli_run, tiny_chat, monkeypatch, capsys):
     out, p = cli_run
     assert p.returncode == 0, p.stderr
     f = out / "run.json"
-    before, mtime = f.read_bytes(), f.stat().st_mtime_ns
-    # A different model path would fail to load: the skip must happen before anything is loaded.
-    train.cli(["--model", str(out / "nowhere"), "--out", str(out), "--name", "run"])
-    assert "already done" in capsys.readouterr().out
-    assert f.read_bytes() == before and f.stat().st_mtime_ns == mtime
+    before = f.read_bytes()
+    same = ["--model", str(tiny_chat), "--task", "phonebook", "--length", "60", "--rank", "4", "--targets",
+            "q_proj,v_proj", "--method", "ot", "--steps", "30", "--out", str(out), "--name", "run"]
+
+    def no_loading(*a, **k):
+        raise AssertionError("a reused run must not load the model")
+
+    monkeypatch.setattr(train, "load_model", no_loading)
+    train.cli(same)
+    assert "already done" in capsys.readouterr().out and f.read_bytes() == before
+    # Another lr, another number of steps: the old numbers do not answer this run; say what differs.
+    with pytest.raises(SystemExit) as e:
+        train.cli(same[:-4] + ["--lr", "0.02", "--steps", "31", "--out", str(out), "--name", "run"])
+    msg = e.value.code
+    assert msg.startswith("error:") and "\n" not in msg
+    assert "lr 0.01 -> 0.02" in msg and "steps 30 -> 31" in msg and "--overwrite" in msg and "--name" in msg
+    assert f.read_bytes() == before
+    # The number of processes is part of a run's identity too (it changes float order and dropout streams).
+    assert train.differences(train.identity(train.Config(), 1), train.identity(train.Config(), 2)) == [
+        "processes 1 -> 2"]
+
+
+def test_overwrite_reruns_with_the_new_settings(tiny_chat, tmp_path):
+    base = dict(task="longctx", length=12, noise=1.0, rank=2, steps=3, name="r")
+    first = run(tiny_chat, tmp_path, **base)
+    with pytest.raises(train.RunError, match="lr 0.01 -> 0.03"):
+        run(tiny_chat, tmp_path, **base, lr=0.03)
+    second = run(tiny_chat, tmp_path, **base, lr=0.03, overwrite=True)
+    assert second["settings"]["lr"] == 0.03 and second["loss_final"] != first["loss_final"]
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["lr"] == 0.03
+
+
+def test_results_without_settings_are_not_reused(tiny_chat, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps(dict(schema=1, delta_loss=1.0)))
+    with pytest.raises(train.RunError, match="does not record its settings.*--overwrite"):
+        run(tiny_chat, tmp_path, task="longctx", length=12, rank=2, steps=2, name="r")
+
+
+def test_second_launch_of_a_running_run_names_the_holder(tiny_chat, tmp_path):
+    lock = train.RunLock(tmp_path / "r.lock")
+    lock.acquire()  # as a first launch still running would hold it
+    try:
+        with pytest.raises(train.RunError, match=f"already running in process {os.getpid()}"):
+            run(tiny_chat, tmp_path, task="longctx", length=12, rank=2, steps=2, name="r")
+    finally:
+        lock.release()
+    assert run(tiny_chat, tmp_path, task="longctx", length=12, rank=2, steps=2, name="r")["steps"] == 2
+    assert not (tmp_path / "r.lock").exists()
 
 
 def test_memorizes_small_phonebook_exactly(tiny_chat, tmp_path):
@@ -93,8 +143,8 @@ def test_resume_after_kill_equals_uninterrupted_run(case, tiny_chat, tmp_path, m
     out = tmp_path / "killed"
     real_save = train.save_checkpoint
 
-    def save_then_die(path, model, opt, state):  # killed right after the step-8 checkpoint is on disk
-        real_save(path, model, opt, state)
+    def save_then_die(path, model, opt, state, procs):  # killed right after the step-8 checkpoint is on disk
+        real_save(path, model, opt, state, procs)
         if state["step"] >= 8:
             raise KeyboardInterrupt
 
@@ -105,7 +155,7 @@ def test_resume_after_kill_equals_uninterrupted_run(case, tiny_chat, tmp_path, m
     state = json.loads((out / "r.ckpt" / "state.json").read_text())
     assert state["step"] == 8
     if kw["method"] == "sw":  # the window has grown, so the resumed steps depend on the restored state
-        assert state["sliding"]["samples"]["0"][2] > 1
+        assert state["memft"]["sliding"]["samples"]["0"][2] > 1
     assert not (out / "r.json").exists() and not (out / "r").exists()  # nothing half-written
     capsys.readouterr()
 
@@ -132,7 +182,7 @@ def test_sweep_runs_grid_then_skips_it(tiny_chat, tmp_path, capsys):
     stamps = {f: f.stat().st_mtime_ns for f in files}
     capsys.readouterr()
     train.cli(argv)
-    assert capsys.readouterr().out.count("skipped") == 4
+    assert capsys.readouterr().out.count("done already, reused") == 4
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
 
 
@@ -145,6 +195,23 @@ BAD = {
     "text": (["--task", "longctx", "--noise", "0.5", "--length", "60", "--text", "{small}"], "longer than the text"),
     "malformed": (["--data", "{malformed}"], "malformed"),
     "empty": (["--data", "{empty}"], "no examples"),
+}
+# Settings that are wrong whatever the model: refused before the model (or anything else) is loaded.
+BAD_SETTINGS = {
+    "lr-nan": (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
+    "lr-negative": (["--lr", "-1"], "--lr must be a finite number above 0, got -1"),
+    "lr-inf": (["--lr", "inf"], "--lr must be a finite number above 0, got inf"),
+    "noise": (["--task", "longctx", "--noise", "2"], "--noise must be in [0, 1]"),
+    "dropout": (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    "top-p": (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    "temperature": (["--temperature", "-1"], "--temperature must be a finite number, 0 or more"),
+    "alpha": (["--alpha", "0"], "--alpha must be a finite number above 0"),
+    "steps": (["--steps", "-1"], "--steps must be 0 or more"),
+    "save-every": (["--save-every", "-2"], "--save-every must be 0 or more"),
+    "dtype": (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    "data-missing": (["--data", "{missing}"], "file not found"),
+    "out-not-a-folder": (["--out", "{afile}/sub"], "cannot write to --out"),
+    "sweep-type": (["--ranks", "1,two"], "wrong type"),
 }
 
 
@@ -165,6 +232,90 @@ def test_bad_input_is_one_error_line(case, tiny_chat, tmp_path):
     msg = e.value.code
     assert isinstance(msg, str) and msg.startswith("error:") and "\n" not in msg and word in msg, msg
     assert not out.exists() or not list(out.iterdir())  # no results, adapter or checkpoint left behind
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_bad_settings_are_refused_before_loading(case, tiny_chat, tmp_path, monkeypatch):
+    args, words = BAD_SETTINGS[case]
+    (tmp_path / "afile").write_text("a file, not a folder")
+    args = [a.format(missing=tmp_path / "missing.jsonl", afile=tmp_path / "afile") for a in args]
+
+    def no_loading(*a, **k):
+        raise AssertionError("settings must be checked before anything is loaded")
+
+    monkeypatch.setattr(train, "load_model", no_loading)
+    monkeypatch.setattr(train, "load_tokenizer", no_loading)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--model", str(tiny_chat), "--steps", "2", "--out", str(out), *args])
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error:") and "\n" not in msg and words in msg, msg
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_nonfinite_loss_stops_with_one_line_and_no_result(tiny_chat, tmp_path, monkeypatch):
+    """Weights that blow up to nan mid-run (as a diverging lr makes them): one line, no result."""
+    real, calls = train.answer_losses, []
+
+    def blow_up_at_third_step(model, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                lora_parameters(model)[1].fill_(float("nan"))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(train, "answer_losses", blow_up_at_third_step)
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--model", str(tiny_chat), "--task", "longctx", "--length", "12", "--rank", "2", "--preset",
+                   "standard", "--steps", "6", "--out", str(tmp_path), "--name", "r"])
+    msg = e.value.code
+    assert msg.startswith("error: the loss became non-finite at step 3") and "Lower --lr" in msg and "\n" not in msg
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "r").exists()
+
+
+def test_failed_write_leaves_no_temporary_files_and_keeps_the_training(tiny_chat, tmp_path, monkeypatch, capsys):
+    def full_disk(model, path):  # the adapter write fails as on a full disk
+        def write(d):
+            (d / "adapter.safetensors").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+
+        train.atomic_dir(path, write)
+
+    kw = dict(task="longctx", length=12, rank=2, steps=3, name="r")
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_adapter", full_disk)
+        with pytest.raises(train.RunError, match="No space left on device.*run the same command"):
+            run(tiny_chat, tmp_path, **kw)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["r.ckpt"], left  # no r.tmp/, no r.json.tmp, no half adapter; the trained state is kept
+    capsys.readouterr()
+    res = run(tiny_chat, tmp_path, **kw)  # space again: the results are written from the checkpoint
+    assert "resuming r from step 3/3" in capsys.readouterr().out and res["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "r.json"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_chat, tmp_path):
+    cmd = [sys.executable, "train.py", "--model", str(tiny_chat), "--task", "longctx", "--length", "30", "--rank",
+           "2", "--steps", "100000", "--save-every", "100000", "--out", str(tmp_path / "out"), "--name", "r"]
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as fh:
+        p = subprocess.Popen(cmd, cwd=train.__file__.rsplit("/", 1)[0], stdout=fh, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while "step 1/" not in log.read_text():  # wait until training has started
+            assert p.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode != 0 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped at step ") and "checkpoint saved in" in last and "run the same command" in last
+    step = int(last.split("stopped at step ")[1].split("/")[0])
+    state = json.loads((tmp_path / "out" / "r.ckpt" / "state.json").read_text())
+    assert state["step"] == step >= 1 and not (tmp_path / "out" / "r.json").exists()
 
 
 def test_bad_input_from_the_shell(tiny_chat, tmp_path):
