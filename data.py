@@ -187,21 +187,32 @@ def read_jsonl(path, keys: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def phonebook_rows(seed: int) -> list[tuple[str, str]]:
+    """The largest book for a seed, (name, number) rows in a fixed order: every smaller book is a prefix.
+
+    Nested books keep a law fitted across lengths from mixing in new names at each length. Plain
+    names come first, then names with a middle initial; numbers start with 6-9, as in the paper's files.
+    """
+    rng = random.Random(seed)
+    plain = [f"{f} {l}" for f in FIRST for l in LAST]
+    middle = [f"{f} {m}. {l}" for f in FIRST for m in "ABCDEFGHJKLMNPRSTVW" for l in LAST]
+    rng.shuffle(plain)
+    rng.shuffle(middle)
+    return [(f"{name}:", str(rng.randint(6 * 10**9, 10**10 - 1))) for name in plain + middle]
+
+
 def phonebook(tok: Tokenizer, length: int, seed: int = 0, path=None) -> Task:
     """Names -> 10-digit numbers. ℓ = rows × digit tokens per number, sized to reach `length`."""
     if path is not None:
         rows = read_jsonl(path, ("query", "target"))
         pairs = [(r["query"], str(r["target"])) for r in rows]
     else:
-        rng = random.Random(seed)
         per_row = len(tok.encode("5550123456"))  # digit tokens per number for this tokenizer
         n = max(1, math.ceil(length / per_row))
-        names = [f"{f} {l}" for f in FIRST for l in LAST]
-        if n > len(names):  # middle initials extend the name space
-            names = [f"{f} {m}. {l}" for f in FIRST for m in "ABCDEFGHJKLMNPRSTVW" for l in LAST]
-        if n > len(names):
-            raise DataError(f"--length {length} needs {n} PhoneBook rows; at most {len(names)} names available")
-        pairs = [(f"{name}:", str(rng.randint(10**9, 10**10 - 1))) for name in rng.sample(names, n)]
+        book = phonebook_rows(seed)
+        if n > len(book):
+            raise DataError(f"--length {length} needs {n} PhoneBook rows; at most {len(book)} names available")
+        pairs = book[:n]
     if not pairs:
         raise DataError("empty PhoneBook")
     return Task("phonebook", [qa_example(tok, i, k, v) for i, (k, v) in enumerate(pairs)])

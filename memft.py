@@ -131,6 +131,38 @@ def curriculum_boundaries(length: int) -> list[int]:
     return [round(b * length / 2000) for b in base]
 
 
+# The authors' PhoneBook schedules (zjunlp/ParametricMemoryLaw, script/pb/common.sh), per answer
+# length L in digits. MemFT-SW rows: (largest L, lr, batch, grad accumulation, curriculum boundaries in
+# epochs; its budget is the last boundary). SFT and OT: lr 1e-2, 200 epochs, no accumulation, and
+# the batch of the first row whose L is at least ours.
+PAPER_SW = {
+    "qwen": [(2000, 1e-2, 10, 1, (20, 40, 60, 80, 300)), (4000, 1e-2, 10, 1, (30, 60, 90, 120, 350)),
+             (8000, 7e-3, 20, 2, (30, 60, 90, 120, 350)), (12000, 5e-3, 40, 2, (60, 120, 180, 240, 500)),
+             (24000, 5e-3, 40, 2, (80, 160, 240, 320, 600)), (32000, 5e-3, 40, 2, (100, 200, 300, 400, 700))],
+    "llama": [(1000, 1e-2, 25, 1, (20, 40, 60, 80, 300)), (2000, 1e-2, 25, 1, (40, 80, 120, 160, 400)),
+              (4000, 7e-3, 50, 1, (40, 80, 120, 160, 400)), (8000, 5e-3, 50, 2, (80, 160, 240, 320, 600)),
+              (16000, 5e-3, 50, 2, (100, 200, 300, 400, 700)), (24000, 3e-3, 50, 4, (100, 200, 300, 400, 700)),
+              (32000, 3e-3, 50, 4, (120, 240, 360, 480, 800))],
+}
+PAPER_PLAIN_BATCH = {"qwen": [(4000, 4), (24000, 8), (32000, 16)], "llama": [(16000, 10), (32000, 20)]}
+
+
+def paper_schedule(family: str, method: str, length: int) -> dict:
+    """The authors' PhoneBook settings for `family` (qwen | llama), a method and L answer digits.
+
+    Returns lr, batch_size, grad_accum, epochs and the SW curriculum boundaries. Lengths between
+    the tabulated ones take the next row up, shorter books the first row, longer ones the last.
+    """
+    if family not in PAPER_SW:
+        raise ValueError(f"unknown schedule family {family!r}; use {' or '.join(PAPER_SW)}")
+    row = lambda table: next((r for r in table if length <= r[0]), table[-1])  # noqa: E731
+    _, lr, batch, accum, bounds = row(PAPER_SW[family])
+    if method.startswith("sw"):
+        return dict(lr=lr, batch_size=batch, grad_accum=accum, epochs=bounds[-1], boundaries=list(bounds))
+    return dict(lr=1e-2, batch_size=row(PAPER_PLAIN_BATCH[family])[1], grad_accum=1, epochs=200,
+                boundaries=list(bounds))
+
+
 def curriculum_size(n_samples: int, batch_size: int, epoch: int, boundaries,
                     ratios=(0.2, 0.4, 0.6, 0.8, 1.0)) -> int:
     """Active sample count for MemFT-SW PhoneBook (inter-batch temporal curriculum) at `epoch`.

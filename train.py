@@ -30,7 +30,8 @@ import torch
 from data import DataError, Example, load_tokenizer, make_task
 from eval import LN2, PrefixCache, answer_losses, evaluate, sampled_recall, teacher_forced
 from lora import PRESETS, TARGETS, LoraError, adapter_disabled, add_lora, atomic_dir, lora_parameters, save_adapter
-from memft import SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights, weighted_loss
+from memft import (SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights,
+                   paper_schedule, weighted_loss)
 from model import ModelError, default_device_dtype, load_model
 
 SCHEMA = 2  # 2: results carry `settings` and `processes`
@@ -59,7 +60,11 @@ class Config:
     steps: int | None = None
     batch_size: int = 16
     grad_accum: int = 1
-    seed: int = 0
+    seed: int = 0  # training: adapter init, dropout and batch order
+    data_seed: int | None = None  # names, numbers, random text; None -> seed
+    schedule: str = "linear"  # lr: linear decay to 0, or constant
+    paper_schedule: str | None = None  # qwen | llama: the authors' PhoneBook lr, batch, accumulation, epochs
+    snapshots: str | None = None  # comma list of steps at which to evaluate inside the run
     out: str = "runs"
     name: str | None = None
     overwrite: bool = False
@@ -67,6 +72,7 @@ class Config:
     activation_checkpointing: bool = False
     compile: bool = False
     stop_when_memorized: bool = False
+    stop_at_plateau: float | None = None  # relative change of the training loss that counts as a plateau
     eval_every: int = 10
     prefix_cache_mb: float = 4096
     decode: bool = True
@@ -79,7 +85,16 @@ class Config:
     def run_name(self) -> str:
         noise = "" if self.task != "longctx" else f"-n{1.0 if self.noise is None else self.noise:g}"
         length = "" if self.task == "linear" else f"-L{self.length}"  # the rule's answers set their own length
-        return self.name or f"{self.task}{noise}{length}-r{self.rank}-{self.method}-s{self.seed}"
+        data = "" if self.data_seed in (None, self.seed) else f"-d{self.data_seed}"
+        sched = f"-{self.paper_schedule}" if self.paper_schedule else "-const" if self.schedule == "constant" else ""
+        return self.name or f"{self.task}{noise}{length}-r{self.rank}-{self.method}{sched}-s{self.seed}{data}"
+
+    @property
+    def seed_of_data(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+    def snapshot_steps(self) -> list[int]:
+        return sorted({int(x) for x in self.snapshots.split(",")}) if self.snapshots else []
 
 
 class RunError(Exception):
@@ -128,12 +143,13 @@ def check(cfg: Config) -> None:
     for k, v in positive.items():
         if v is not None and v <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {v}")
-    at_least_zero = dict(steps=cfg.steps, save_every=cfg.save_every, sample_recall=cfg.sample_recall, seed=cfg.seed)
+    at_least_zero = dict(steps=cfg.steps, save_every=cfg.save_every, sample_recall=cfg.sample_recall, seed=cfg.seed,
+                         data_seed=cfg.data_seed)
     for k, v in at_least_zero.items():  # 0 steps: evaluate the untrained adapter (ΔL = 0)
         if v is not None and v < 0:
             raise RunError(f"--{k.replace('_', '-')} must be 0 or more, got {v}")
     finite = dict(lr=(cfg.lr, 0, None), alpha=(cfg.alpha, 0, None), temperature=(cfg.temperature, None, None),
-                  prefix_cache_mb=(cfg.prefix_cache_mb, None, None))
+                  prefix_cache_mb=(cfg.prefix_cache_mb, None, None), stop_at_plateau=(cfg.stop_at_plateau, 0, None))
     for k, (v, above, _) in finite.items():
         if v is None:
             continue
@@ -151,10 +167,19 @@ def check(cfg: Config) -> None:
             raise RunError(f"--{k.replace('_', '-')} must be {words}, got {v}")
     choices = dict(task=(cfg.task, ("phonebook", "longctx", "linear")), method=(cfg.method, ("sft", "ot", "sw")),
                    preset=(cfg.preset, tuple(PRESETS)), ot_fallback=(cfg.ot_fallback, ("sft", "skip")),
-                   sw_flavour=(cfg.sw_flavour, (None, "window", "curriculum")))
+                   sw_flavour=(cfg.sw_flavour, (None, "window", "curriculum")),
+                   schedule=(cfg.schedule, ("linear", "constant")), paper_schedule=(cfg.paper_schedule, (None, "qwen", "llama")))
     for k, (v, allowed) in choices.items():
         if v not in allowed:
             raise RunError(f"unknown --{k.replace('_', '-')} {v!r}; choose {', '.join(a for a in allowed if a)}")
+    if cfg.paper_schedule and cfg.task != "phonebook":
+        raise RunError("--paper-schedule holds the authors' PhoneBook tables; use it with --task phonebook")
+    try:
+        steps = cfg.snapshot_steps()
+    except ValueError:
+        raise RunError(f"--snapshots takes comma-separated step numbers, got {cfg.snapshots!r}") from None
+    if any(x <= 0 for x in steps):
+        raise RunError(f"--snapshots steps must be positive, got {cfg.snapshots!r}")
     for t in (cfg.targets or "").split(","):
         if cfg.targets is not None and t.strip() not in TARGETS:
             raise RunError(f"unknown LoRA target {t.strip()!r}; choose from {', '.join(TARGETS)}")
@@ -192,7 +217,7 @@ def resolve_method(cfg: Config) -> str:
     return f"sw_{cfg.sw_flavour or ('window' if cfg.task == 'longctx' else 'curriculum')}"
 
 
-def schedule(n: int, cfg: Config, method: str, length: int) -> list[list[list[int]]]:
+def schedule(n: int, cfg: Config, method: str, length: int, boundaries=None) -> list[list[list[int]]]:
     """Every optimizer step's micro-batches (lists of example indices), fixed by the seed up front.
 
     Plain methods reshuffle each epoch. MemFT-SW's curriculum shuffles once and trains the first
@@ -202,7 +227,7 @@ def schedule(n: int, cfg: Config, method: str, length: int) -> list[list[list[in
     rng = random.Random(cfg.seed)
     order = list(range(n))
     rng.shuffle(order)
-    bounds = curriculum_boundaries(length)
+    bounds = boundaries or curriculum_boundaries(length)
     batches, epoch = [], 0
     per_step = cfg.grad_accum
     while True:
@@ -221,6 +246,20 @@ def schedule(n: int, cfg: Config, method: str, length: int) -> list[list[list[in
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(len(batches) / per_step))
     batches += batches[: max(0, total * per_step - len(batches))]  # pad the last step if needed
     return [batches[s * per_step : (s + 1) * per_step] for s in range(total)]
+
+
+def learning_rate(cfg: Config, step: int, total: int) -> float:
+    """AdamW's lr at `step` of `total`: constant, or linear decay to 0 (the paper), no warmup either way."""
+    return cfg.lr if cfg.schedule == "constant" else cfg.lr * (1 - step / total)
+
+
+def with_paper_schedule(cfg: Config, method: str, length: int) -> tuple[Config, list[int] | None]:
+    """The authors' PhoneBook lr, batch, accumulation and epochs for this length (with --paper-schedule)."""
+    if not cfg.paper_schedule:
+        return cfg, None
+    p = paper_schedule(cfg.paper_schedule, method, length)
+    return replace(cfg, lr=p["lr"], batch_size=p["batch_size"], grad_accum=p["grad_accum"], epochs=p["epochs"]), \
+        p["boundaries"]
 
 
 def fmt_time(s: float) -> str:
@@ -638,6 +677,7 @@ class Trainer:
     cfg: Config
     model: torch.nn.Module
     examples: list[Example]
+    loss_init: list[torch.Tensor]
     plan: list[list[list[int]]]
     method: str
     pad: int
@@ -655,21 +695,23 @@ def train(t: Trainer) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     state = MemState()
     total = len(t.plan)
-    step, history, elapsed, stopped_at, saved_at = 0, [], 0.0, None, None
+    step, history, elapsed, stopped_at, saved_at, reason, snaps = 0, [], 0.0, None, None, None, []
     saved = find_checkpoint(t.files.ckpt)
     if saved is not None:
         refuse_other_settings(saved.get("settings"), t.settings, t.files.ckpt)
         st = load_checkpoint(t.files.ckpt, model, opt, procs)
         step, history, elapsed, stopped_at = st["step"], st["history"], st["elapsed"], st["stopped_at"]
+        reason, snaps = st["stop_reason"], st["snapshots"]
         state.load_state_dict(st["memft"])
         saved_at = step
         say(f"resuming {t.files.name} from step {step}/{total}")
     save_every = cfg.save_every or max(1, total // 10)
+    snap_at = set(cfg.snapshot_steps())
 
     def checkpoint(now: float) -> None:
         save_checkpoint(t.files.ckpt, model, opt, dict(settings=t.settings, step=step, history=history,
-                                                       elapsed=now - t0, stopped_at=stopped_at,
-                                                       memft=state.state_dict()), procs)
+                                                       elapsed=now - t0, stopped_at=stopped_at, stop_reason=reason,
+                                                       snapshots=snaps, memft=state.state_dict()), procs)
 
     model.train()
     t0 = time.perf_counter() - elapsed
@@ -677,9 +719,12 @@ def train(t: Trainer) -> dict:
     with StopRequest() as stop:
         while step < total and stopped_at is None:
             if cfg.stop_when_memorized and memorized(model, t.examples, t.pad, t.prefix, state, step, cfg.eval_every):
-                stopped_at = step
+                stopped_at, reason = step, "memorized"
                 break
-            lr = cfg.lr * (1 - step / total)  # linear decay to 0, no warmup
+            if cfg.stop_at_plateau and plateaued(history, step, cfg.eval_every, cfg.stop_at_plateau):
+                stopped_at, reason = step, "plateau"
+                break
+            lr = learning_rate(cfg, step, total)
             for g in opt.param_groups:
                 g["lr"] = lr
             micro = t.plan[step]
@@ -702,6 +747,8 @@ def train(t: Trainer) -> dict:
             history.append(dict(step=step, loss=round(rec["loss"], 6), ce=round(rec["ce"] / rec["n_tok"], 6),
                                 max_ce=round(rec["max_ce"], 6), n_sub=rec["n_sub"], em=round(em, 4), lr=lr,
                                 skipped=rec["skipped"] == len(micro), time_s=round(now - t0, 3)))
+            if step in snap_at:  # the same measurements as the end of a run, minus the decoder check
+                snaps.append(snapshot(model, t.examples, t.loss_init, t.pad, t.prefix, step))
             per_step = (now - t_loop) / (step - step0)
             if step == total or step % max(1, total // 20) == 0 or step - step0 <= 1:
                 say(f"step {step}/{total} | loss {rec['loss']:.4f} | ce {rec['ce'] / rec['n_tok']:.4f} | "
@@ -716,7 +763,31 @@ def train(t: Trainer) -> dict:
                 saved_at = step
     if saved_at != step or stopped_at is not None:  # evaluation can be interrupted too: keep the trained state
         checkpoint(time.perf_counter())
-    return dict(steps=step, stopped_at=stopped_at, history=history, time_s=time.perf_counter() - t0)
+    return dict(steps=step, stopped_at=stopped_at, stop_reason=reason or "budget", snapshots=snaps, history=history,
+                time_s=time.perf_counter() - t0)
+
+
+def plateaued(history: list[dict], step: int, every: int, tol: float) -> bool:
+    """Whether the training loss has stopped moving: checked every `every` steps, the mean CE over the
+    last tenth of the steps so far (at least `every` steps) differs from the tenth before by under `tol`."""
+    w = max(every, step // 10)
+    if step == 0 or step % every or step < 2 * w:
+        return False
+    last = sum(h["ce"] for h in history[-w:]) / w
+    before = sum(h["ce"] for h in history[-2 * w : -w]) / w
+    return abs(before - last) < tol * abs(before)
+
+
+SNAPSHOT_SAMPLE_KEYS = ("id", "delta_loss", "token_acc", "exact_match", "first_failure", "earliest_stubborn",
+                        "stubborn_positions")
+
+
+def snapshot(model, ex, loss_init, pad, prefix, step: int) -> dict:
+    """ΔL, token accuracy, exact match, stubborn tokens and first failure (teacher-forced) at `step`."""
+    res = evaluate(model, ex, loss_init, pad, prefix, decode=False)
+    per = [{k: s[k] for k in SNAPSHOT_SAMPLE_KEYS} for s in res["per_sample"]]
+    return dict(step=step, **{k: v for k, v in res.items() if k not in ("per_sample", "sufficient_violations",
+                                                                       "em_disagreements")}, per_sample=per)
 
 
 def memorized(model, ex, pad, prefix, state: MemState, step: int, every: int) -> bool:
@@ -785,8 +856,9 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
     return_freed_memory()
     t_start = time.perf_counter()
     tok = load_tokenizer(cfg.model)  # data first: its errors come before the slow model load
-    task = make_task(tok, cfg.task, cfg.length, cfg.noise, cfg.seed, cfg.data, cfg.text, cfg.samples)
+    task = make_task(tok, cfg.task, cfg.length, cfg.noise, cfg.seed_of_data, cfg.data, cfg.text, cfg.samples)
     ex, pad = task.train, tok.pad_id
+    cfg, boundaries = with_paper_schedule(cfg, method, task.length)
     torch.manual_seed(cfg.seed)  # the same adapter init on every process
     device = cfg.device
     if device is None and procs.world > 1 and torch.cuda.is_available():
@@ -805,14 +877,17 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
 
     with adapter_disabled(model):  # L_init: the frozen model's loss, computed once
         loss_init = [loss for loss, _ in teacher_forced(model, ex, pad, prefix=prefix)]
-    plan = schedule(len(ex), cfg, method, task.length)
+    plan = schedule(len(ex), cfg, method, task.length, boundaries)
     if procs.rank == 0:
+        if method == "sw_curriculum" and len(ex) <= cfg.batch_size:
+            print(f"note: {len(ex)} samples fit in one batch of {cfg.batch_size}, so the curriculum is active from "
+                  f"the start: MemFT-SW here is MemFT-OT (skip fallback) in a fixed order")
         where = layers if len(layers) < 8 else "all"
         l_init = sum(float(x.sum()) for x in loss_init) / sum(len(x) for x in loss_init)
         print(f"{files.name}: {task.name}, {len(ex)} examples, ℓ = {task.length} answer tokens, rank {cfg.rank} "
               f"{','.join(lcfg['targets'])} @ layers {where}, {n_params:,} params, method {method}, "
               f"{len(plan)} steps, L_init = {l_init:.3f}" + (f", {procs.world} processes" if procs.world > 1 else ""))
-    trained = train(Trainer(cfg, model, ex, plan, method, pad, prefix, procs, files, settings))
+    trained = train(Trainer(cfg, model, ex, loss_init, plan, method, pad, prefix, procs, files, settings))
 
     res = evaluate(model, ex, loss_init, pad, prefix, decode=cfg.decode)
     extra = {}
@@ -830,13 +905,15 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
     result = dict(schema=SCHEMA, name=files.name, model=cfg.model, task=task.name, method=cfg.method,
                   method_flavour=method, rank=cfg.rank, params=n_params, length=task.length,
                   answer_tokens=sum(len(e.answer) for e in ex), noise=task.noise, seed=cfg.seed,
-                  steps=trained["steps"], stopped_at=trained["stopped_at"], targets=list(lcfg["targets"]),
+                  data_seed=cfg.seed_of_data, steps=trained["steps"], budget=len(plan),
+                  stopped_at=trained["stopped_at"], stop_reason=trained["stop_reason"], schedule=cfg.schedule,
+                  paper_schedule=cfg.paper_schedule, targets=list(lcfg["targets"]),
                   layers=layers, preset=cfg.preset, lr=cfg.lr, batch_size=cfg.batch_size,
                   grad_accum=cfg.grad_accum, n_samples=len(ex), data=cfg.data, text=cfg.text,
                   ot_fallback=cfg.ot_fallback, processes=procs.world, settings=settings,
                   **{k: v for k, v in res.items() if k != "per_sample"}, **extra,
                   time_s=round(trained["time_s"], 2), wall_s=round(time.perf_counter() - t_start, 2),
-                  history=trained["history"], per_sample=res["per_sample"])
+                  snapshots=trained["snapshots"], history=trained["history"], per_sample=res["per_sample"])
     if procs.rank == 0:
         write_results(files, model, result)
     procs.barrier()  # the files exist before any process moves on (a sweep's next run looks for them)
@@ -858,7 +935,7 @@ def write_results(files: RunFiles, model, result: dict) -> None:
               else f"first failure at position {r['first_failure']}")
     print(f"done: ΔL = {r['delta_loss']:.4f} (L_init {r['loss_init']:.4f} -> {r['loss_final']:.4f}), "
           f"token acc {r['token_acc']:.3f}, exact match {r['exact_match']:.3f}, stubborn {r['stubborn']}, {recall}"
-          + (f", stopped at step {stop}" if stop is not None else "")
+          + (f", stopped at step {stop} ({r['stop_reason']})" if stop is not None else "")
           + (f", held-out EM {r['heldout_exact_match']:.3f}" if "heldout_exact_match" in r else "")
           + f" | {r['time_s']:.1f}s -> {files.result}")
 
@@ -871,7 +948,7 @@ def run_grid(cfg: Config, sweep: dict) -> None:
     from itertools import product
 
     axes = dict(rank=(sweep["ranks"], int), length=(sweep["lengths"], int), noise=(sweep["noises"], float),
-                method=(sweep["methods"], str))
+                method=(sweep["methods"], str), seed=(sweep.get("seeds"), int))
     try:
         values = {k: [conv(x) for x in v.split(",")] if v else [getattr(cfg, k)] for k, (v, conv) in axes.items()}
     except ValueError as e:
@@ -927,9 +1004,25 @@ def parse(argv=None) -> tuple[Config, dict]:
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=c.batch_size, help="samples per micro-batch (default %(default)s)")
     g.add_argument("--grad-accum", type=int, default=c.grad_accum, help="micro-batches per optimizer step (default %(default)s)")
-    g.add_argument("--seed", type=int, default=c.seed, help="seed for data, adapter init, dropout and order (default %(default)s)")
+    g.add_argument("--seed", type=int, default=c.seed,
+                   help="training seed: adapter init, dropout and batch order (default %(default)s)")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="data seed: names, numbers, random text (default: --seed); fix it to pair runs on the same data")
+    g.add_argument("--schedule", default=c.schedule,
+                   help="lr schedule: linear (decay to 0, the paper) | constant (default %(default)s); with constant, "
+                        "--snapshots at step T equal a run of budget T")
+    g.add_argument("--paper-schedule", default=None, metavar="qwen|llama",
+                   help="PhoneBook: the authors' per-length lr, batch, accumulation, epochs and SW curriculum "
+                        "boundaries for that model family (overrides --lr --batch-size --grad-accum --epochs)")
+    g.add_argument("--snapshots", default=None, metavar="STEPS",
+                   help="comma list of steps at which to record ΔL, token acc, EM, stubborn tokens and first "
+                        "failure inside the run (teacher-forced)")
     g.add_argument("--stop-when-memorized", action="store_true", help="stop once every answer token has p > 0.5")
-    g.add_argument("--eval-every", type=int, default=c.eval_every, help="with --stop-when-memorized: check period")
+    g.add_argument("--stop-at-plateau", type=float, nargs="?", const=0.01, default=None, metavar="TOL",
+                   help="stop once the mean training loss over the last tenth of the steps differs from the tenth "
+                        "before by under TOL (default 0.01 = 1%%); the results record which stop fired")
+    g.add_argument("--eval-every", type=int, default=c.eval_every,
+                   help="with --stop-when-memorized / --stop-at-plateau: check period in steps (default %(default)s)")
     g = ap.add_argument_group("output")
     g.add_argument("--out", default=c.out, help="results folder (default %(default)s)")
     g.add_argument("--name", default=None, help="run name (default from the settings)")
@@ -954,8 +1047,9 @@ def parse(argv=None) -> tuple[Config, dict]:
     g.add_argument("--lengths", default=None, help="comma list: run every length")
     g.add_argument("--noises", default=None, help="comma list: run every noise ratio")
     g.add_argument("--methods", default=None, help="comma list: run every method")
+    g.add_argument("--seeds", default=None, help="comma list: run every training seed")
     a = vars(ap.parse_args(argv))
-    sweep = {k: a.pop(k) for k in ("ranks", "lengths", "noises", "methods")}
+    sweep = {k: a.pop(k) for k in ("ranks", "lengths", "noises", "methods", "seeds")}
     return Config(**a), sweep
 
 

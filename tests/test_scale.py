@@ -228,7 +228,7 @@ def test_early_stop_fires_at_the_phase_boundary(tiny_chat, tmp_path):
             "--steps", "200", "--stop-when-memorized", "--eval-every", "1"]
     r = _train(args, tmp_path)
     s = r["stopped_at"]
-    assert s is not None and s == r["steps"] < 200
+    assert s is not None and s == r["steps"] < 200 and r["stop_reason"] == "memorized"
     # the history row of step k holds the loss before update k: every earlier state had a token at p <= 0.5
     assert all(h["max_ce"] >= math.log(2) for h in r["history"])
     assert len(r["history"]) == s

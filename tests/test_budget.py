@@ -1,0 +1,114 @@
+"""Budget-aware runs: lr schedules, snapshots inside a run, the plateau stop, data vs training seeds,
+the authors' PhoneBook schedules, nested PhoneBooks, and MemFT-SW's inactive curriculum."""
+
+import pytest
+
+import train
+from data import load_tokenizer, phonebook
+from memft import paper_schedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LC = dict(task="longctx", length=12, noise=1.0, rank=2, preset="standard")
+
+
+def run(model, out, **kw) -> dict:
+    return train.main(train.Config(model=str(model), out=str(out), **kw))
+
+
+def test_learning_rate_schedules_by_hand():
+    lin, const = train.Config(lr=0.02), train.Config(lr=0.02, schedule="constant")
+    assert [train.learning_rate(lin, s, 4) for s in range(4)] == [0.02, 0.015, 0.01, 0.005]
+    assert [train.learning_rate(const, s, 4) for s in range(4)] == [0.02] * 4
+
+
+def test_paper_schedule_tables():
+    assert paper_schedule("qwen", "sw_curriculum", 4000) == dict(
+        lr=1e-2, batch_size=10, grad_accum=1, epochs=350, boundaries=[30, 60, 90, 120, 350])
+    assert paper_schedule("qwen", "sw_curriculum", 16000)["boundaries"] == [80, 160, 240, 320, 600]
+    assert paper_schedule("llama", "sw_curriculum", 24000) == dict(
+        lr=3e-3, batch_size=50, grad_accum=4, epochs=700, boundaries=[100, 200, 300, 400, 700])
+    # SFT and OT: lr 1e-2, 200 epochs, no accumulation, the family's batch for that length
+    assert paper_schedule("qwen", "ot", 1000)["batch_size"] == 4 and paper_schedule("qwen", "sft", 8000)["batch_size"] == 8
+    assert paper_schedule("llama", "sft", 20000) == dict(lr=1e-2, batch_size=20, grad_accum=1, epochs=200,
+                                                        boundaries=[100, 200, 300, 400, 700])
+    # a book shorter than any in the table takes the first row, a longer one the last
+    assert paper_schedule("qwen", "sw_window", 320)["boundaries"] == [20, 40, 60, 80, 300]
+    assert paper_schedule("llama", "sw_curriculum", 64000)["epochs"] == 800
+    with pytest.raises(ValueError, match="mistral"):
+        paper_schedule("mistral", "sft", 1000)
+
+
+def test_paper_schedule_sets_the_run(tiny_chat, tmp_path):
+    res = run(tiny_chat, tmp_path, task="phonebook", length=30, rank=2, preset="standard", method="sw",
+              paper_schedule="llama", steps=3, decode=False)
+    assert res["lr"] == 1e-2 and res["batch_size"] == 25 and res["grad_accum"] == 1
+    assert res["paper_schedule"] == "llama" and res["settings"]["paper_schedule"] == "llama"
+    with pytest.raises(train.RunError, match="--task phonebook"):
+        train.check(train.Config(task="longctx", paper_schedule="qwen"))
+
+
+def test_phonebooks_nest(tiny_chat):
+    tok = load_tokenizer(tiny_chat)
+    small, large = phonebook(tok, 30, seed=3), phonebook(tok, 320, seed=3)
+    assert len(small.train) == 3 and len(large.train) == 32
+    assert [(e.prompt, e.answer) for e in small.train] == [(e.prompt, e.answer) for e in large.train[:3]]
+    digits = [tok.decode(e.answer[:-1]) for e in large.train]
+    assert all(len(d) == 10 and d[0] in "6789" for d in digits)
+    assert [e.answer for e in phonebook(tok, 30, seed=4).train] != [e.answer for e in small.train]
+
+
+def test_data_seed_holds_the_data_while_the_training_seed_changes(tiny_chat, tmp_path):
+    a = run(tiny_chat, tmp_path, **LC, steps=2, seed=0, data_seed=5, decode=False)
+    b = run(tiny_chat, tmp_path, **LC, steps=2, seed=1, data_seed=5, decode=False)
+    c = run(tiny_chat, tmp_path, **LC, steps=2, seed=0, data_seed=6, decode=False)
+    assert a["name"] == "longctx-n1-L12-r2-sft-s0-d5" and b["data_seed"] == 5
+    assert a["loss_init"] == b["loss_init"]  # the same random text
+    assert a["loss_final"] != b["loss_final"]  # another adapter init
+    assert c["loss_init"] != a["loss_init"]  # other random text
+
+
+def test_snapshots_under_a_constant_lr_equal_shorter_runs(tiny_chat, tmp_path):
+    """With a constant lr, the state after T steps does not depend on the total budget: the snapshot
+    at T inside a long run equals the end of a run of T steps."""
+    long = run(tiny_chat, tmp_path, **LC, schedule="constant", steps=6, snapshots="3,6,50", name="long")
+    short = run(tiny_chat, tmp_path, **LC, schedule="constant", steps=3, name="short")
+    assert [s["step"] for s in long["snapshots"]] == [3, 6]  # steps past the budget are not reached
+    s3, s6 = long["snapshots"]
+    for k in ("delta_loss", "loss_final", "token_acc", "exact_match", "stubborn", "first_failure"):
+        assert s3[k] == short[k], k
+        assert s6[k] == long[k], k
+    assert s3["per_sample"][0]["stubborn_positions"] == short["per_sample"][0]["stubborn_positions"]
+    assert long["name"] == "long" and train.Config(**LC, schedule="constant").run_name().endswith("-const-s0")
+    with pytest.raises(train.RunError, match="--snapshots"):
+        train.check(train.Config(snapshots="3,x"))
+
+
+def test_plateau_by_hand():
+    flat = [dict(ce=1.0)] * 40
+    assert train.plateaued(flat, 40, 10, 0.01)
+    assert not train.plateaued(flat, 35, 10, 0.01)  # not a check step
+    assert not train.plateaued(flat[:10], 10, 10, 0.01)  # fewer than two windows
+    # last tenth (10 steps) at 1.0, the tenth before at 1.05: a 4.8% change
+    moving = [dict(ce=2.0)] * 20 + [dict(ce=1.05)] * 10 + [dict(ce=1.0)] * 10
+    assert not train.plateaued(moving, 40, 10, 0.01) and train.plateaued(moving, 40, 10, 0.05)
+
+
+def test_plateau_stop_fires_and_is_recorded(tiny_chat, tmp_path):
+    res = run(tiny_chat, tmp_path, **LC, lr=1e-7, steps=200, stop_at_plateau=0.01, eval_every=5, decode=False)
+    assert res["stop_reason"] == "plateau" and res["stopped_at"] == res["steps"] == 10  # two windows of 5 steps
+    full = run(tiny_chat, tmp_path, **LC, steps=3, decode=False, name="full")
+    assert full["stop_reason"] == "budget" and full["stopped_at"] is None and full["budget"] == 3
+
+
+def test_sw_equals_ot_when_the_curriculum_is_inactive(tiny_chat, tmp_path, capsys):
+    """With every sample in one batch the curriculum trains them all from step 1, and its loss is OT
+    with the skip fallback: the two runs match (up to the order of samples inside the batch)."""
+    kw = dict(task="phonebook", length=30, rank=4, preset="standard", batch_size=16, steps=25, lr=2e-2,
+              decode=False, ot_fallback="skip")
+    sw = run(tiny_chat, tmp_path, **kw, method="sw")
+    assert "the curriculum is active from the start" in capsys.readouterr().out
+    ot = run(tiny_chat, tmp_path, **kw, method="ot")
+    assert any(h["n_sub"] < sw["history"][0]["n_sub"] for h in sw["history"])  # tokens crossed p = 0.5
+    for a, b in zip(sw["history"], ot["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["n_sub"] == b["n_sub"] and a["skipped"] == b["skipped"]
+    assert sw["token_acc"] == ot["token_acc"]
