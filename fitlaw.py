@@ -5,11 +5,12 @@
     python fitlaw.py results/*.json --x params --json     # fit against trainable params, JSON out
     python fitlaw.py results/*.json --objective rel --bootstrap 2000 --seed 1
     python fitlaw.py results/*.json --holdout 0.2 --seed 0
+    python fitlaw.py results/convergence/*.json --at-step 300   # the law at a budget, from --snapshots
     python fitlaw.py results/*.json --plan --length 1000 --target-delta 2.0
     python fitlaw.py results/*.json --combine-noise --plot law.png
     python fitlaw.py results/*.json --grid grid.png --max-runs 4
 
-A group is one study: runs sharing (model, task, method, noise, preset, steps, schedule); --combine-noise
+A group is one study: runs sharing (model, task, method, noise, preset, budget, schedule); --combine-noise
 merges the noise levels into one "combined" group. Within a group, runs at the same (rank or params,
 length) are replicates (seeds): the law is fitted to the mean ΔL of each such point, and the seed-to-seed
 spread gives a lack-of-fit F test. The fit starts from log-space linear fits and is refined by nonlinear
@@ -349,7 +350,7 @@ def sample_spearman(runs):
 def load_runs(paths, x="rank"):
     """Read results files; return (runs, errors) where errors are one line per bad file.
 
-    Fills the documented defaults of older files: schedule "linear", data_seed = seed.
+    Fills the documented defaults of older files: schedule "linear", data_seed = seed, budget = steps.
     """
     runs, errors = [], []
     for path in paths:
@@ -378,8 +379,27 @@ def load_runs(paths, x="rank"):
             run["schedule"] = "linear"
         if "data_seed" not in run:
             run["data_seed"] = run.get("seed")
+        if run.get("budget") is None:  # older files: the planned steps were the steps run
+            run["budget"] = run.get("steps")
         runs.append(dict(run, _path=path))
     return runs, errors
+
+
+SNAPSHOT_KEYS = ("delta_loss", "loss_final", "token_acc", "exact_match", "stubborn", "earliest_stubborn",
+                 "first_failure", "per_sample")
+
+
+def at_step(runs, step):
+    """Each run as it stood at its snapshot `step` (train.py --snapshots): its measurements then, and
+    budget = step. Returns (runs, how many had no such snapshot)."""
+    out, missing = [], 0
+    for run in runs:
+        snap = next((s for s in run.get("snapshots") or [] if s.get("step") == step), None)
+        if snap is None:
+            missing += 1
+            continue
+        out.append(dict(run, **{k: snap[k] for k in SNAPSHOT_KEYS if k in snap}, budget=step, steps=step))
+    return out, missing
 
 
 def parse_where(items):
@@ -408,7 +428,7 @@ def saturated(run):
     return run.get("exact_match") == 1 or (isinstance(li, (int, float)) and run["delta_loss"] >= SATURATED * li)
 
 
-KEY = ("model", "task", "method", "noise", "preset", "steps", "schedule")
+KEY = ("model", "task", "method", "noise", "preset", "budget", "schedule")
 
 
 def group_runs(runs, combine_noise=False):
@@ -531,7 +551,7 @@ def _details(o, x):
 def main(paths: list, x: str = "rank", as_json: bool = False, holdout: float = None, seed: int = 0,
          plan: bool = False, length: float = None, target_delta: float = None, combine_noise: bool = False,
          plot: str = None, grid: str = None, max_runs: int = 4, where: list = (), exclude_saturated: bool = False,
-         n_boot: int = 1000, objective: str = "abs") -> int:
+         n_boot: int = 1000, objective: str = "abs", step: int | None = None) -> int:
     """Fit every group, print the results, return the exit status."""
     err = lambda msg: print(f"fitlaw: {msg}", file=sys.stderr)  # noqa: E731
     if not paths:
@@ -560,6 +580,11 @@ def main(paths: list, x: str = "rank", as_json: bool = False, holdout: float = N
         err(f"--where {' '.join(where)}: {len(runs)} of {n_all} runs match")
         if not runs and n_all:
             err("no run matches --where; a key absent from a run does not match")
+            ok = False
+    if step is not None:
+        runs, missing = at_step(runs, step)
+        err(f"--at-step {step}: {len(runs)} runs have a snapshot there" + (f", {missing} do not" if missing else ""))
+        if not runs:
             ok = False
     out, groups = [], group_runs(runs, combine_noise)
     for gi, (key, members) in enumerate(groups.items()):
@@ -655,7 +680,7 @@ def main(paths: list, x: str = "rank", as_json: bool = False, holdout: float = N
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
 --json prints a list with one object per group:
-  model task method noise preset steps schedule   the group key; x, objective
+  model task method noise preset budget schedule  the group key (budget: planned steps); x, objective
   C alpha beta b, r2 mape                          the fit; R² and MAPE (%) over the point means
   n, points, cond                                  runs, distinct (x, length) points, Jacobian condition number
   ci95 {C, alpha, beta, b: [lo, hi]}, bootstrap_n, bootstrap_ok
@@ -690,6 +715,9 @@ and the summed sufficient-condition violations.""")
                     help="resamples for the 95%% percentile intervals of C, α, β, b (0: off). Resamples the "
                          "distinct points with replacement and refits; skips resamples that are not "
                          "identifiable and reports how many were fitted; no interval when fewer than half were")
+    ap.add_argument("--at-step", type=int, default=None, metavar="T",
+                    help="fit each run as it stood at its snapshot at step T (train.py --snapshots), budget = T; "
+                         "with --schedule constant that equals a run of T steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for the bootstrap and the holdout split")
     ap.add_argument("--holdout", type=float, help="fraction of the distinct points held out (replicates together) "
                                                   "to report MAPE on; the table's fit still uses every point")
@@ -702,4 +730,4 @@ and the summed sufficient-condition violations.""")
     ap.add_argument("--max-runs", type=int, default=4, help="runs drawn in --grid")
     a = ap.parse_args()
     sys.exit(main(a.paths, a.x, a.json, a.holdout, a.seed, a.plan, a.length, a.target_delta, a.combine_noise,
-                  a.plot, a.grid, a.max_runs, a.where, a.exclude_saturated, a.bootstrap, a.objective))
+                  a.plot, a.grid, a.max_runs, a.where, a.exclude_saturated, a.bootstrap, a.objective, a.at_step))

@@ -16,6 +16,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fitlaw  # noqa: E402
+from fitlaw import law  # noqa: E402
 
 FITLAW = str(Path(__file__).resolve().parents[1] / "fitlaw.py")
 TRUE = dict(C=5.0, alpha=0.4, beta=0.6, b=0.05)
@@ -128,13 +129,13 @@ def test_cli_json(tmp_path):
     p = cli(*paths, "--json")
     assert p.returncode == 0, p.stderr
     (g,) = json.loads(p.stdout)
-    keys = ("model task method noise preset steps schedule C alpha beta b r2 mape n points x objective cond ci95 "
+    keys = ("model task method noise preset budget schedule C alpha beta b r2 mape n points x objective cond ci95 "
             "bootstrap_n bootstrap_ok replicated_points max_replicates seed_sd seed_cv seed_df lof_F lof_df lof_p "
             "spearman_rho spearman_n sample_spearman_rho sample_spearman_n sample_spearman_rho_no00 "
             "sample_spearman_n_no00")
     for k in keys.split():
         assert k in g, k
-    assert g["schedule"] == "linear" and g["steps"] == 10 and g["bootstrap_n"] == 1000 and g["lof_p"] is None
+    assert g["schedule"] == "linear" and g["budget"] == 10 and g["bootstrap_n"] == 1000 and g["lof_p"] is None
     assert g["n"] == 30 and g["r2"] > 0.99 and abs(g["alpha"] - 0.4) < 0.02
     # same pairs as write_runs: earliest_stubborn = i % 7, first_failure = i % 7 + i % 2
     expect = spearmanr([i % 7 for i in range(30)], [i % 7 + i % 2 for i in range(30)]).statistic
@@ -375,7 +376,7 @@ def test_groups_by_study_and_reports_seeds(tmp_path, capsys):
     paths += write_runs(tmp_path, r, l, dl, seeds=seeds, steps=20, start=4000)
     rc, groups, err = groups_of(capsys, paths)
     assert rc == 0, err
-    groups = {(g["preset"], g["steps"], g["schedule"]): g for g in groups}
+    groups = {(g["preset"], g["budget"], g["schedule"]): g for g in groups}
     assert set(groups) == {(None, 10, "linear"), (None, 10, "constant"), ("fast", 10, "linear"),
                            (None, 20, "linear")}
     g = groups[(None, 10, "linear")]
@@ -427,3 +428,25 @@ def test_where_and_exclude_saturated(tmp_path, capsys):
     assert g["n"] == 31 and g["points"] == 30 and "dropped_points" not in g
     p = cli(*paths, "--exclude-saturated", "--bootstrap", 0)
     assert p.returncode == 0 and "--exclude-saturated dropped 3 points (4 runs)" in p.stdout
+
+
+def test_at_step_takes_each_runs_snapshot(tmp_path):
+    """Runs with snapshots at steps 100 and 300 (ΔL made up by the law at two budgets): --at-step picks
+    each run's snapshot, groups them by that budget, and the fit recovers that budget's law."""
+    rng = np.random.default_rng(0)
+    truth = {100: (2.0, 0.3, 0.5, 0.1), 300: (3.0, 0.4, 0.6, 0.2)}
+    paths = []
+    for i, (r, l) in enumerate((r, l) for r in (1, 2, 4, 8, 16) for l in (25, 50, 100, 200)):
+        snaps = [dict(step=t, delta_loss=float(law(r, l, *p)), token_acc=0.5, exact_match=0.0, per_sample=[])
+                 for t, p in truth.items()]
+        run = dict(model="m", task="longctx", method="sft", rank=r, length=l, noise=1.0, preset="paper", seed=0,
+                   steps=300, budget=300, delta_loss=float(rng.normal()), snapshots=snaps if i else snaps[1:])
+        f = tmp_path / f"run{i}.json"
+        f.write_text(json.dumps(run))
+        paths.append(str(f))
+    runs, _ = fitlaw.load_runs(paths)
+    at100, missing = fitlaw.at_step(runs, 100)
+    assert missing == 1 and len(at100) == 19 and all(r["budget"] == 100 for r in at100)
+    assert at100[0]["delta_loss"] == pytest.approx(law(1, 50, *truth[100]))
+    fit = fitlaw.fit_law([r["rank"] for r in at100], [r["length"] for r in at100], [r["delta_loss"] for r in at100])
+    assert [fit[k] for k in ("C", "alpha", "beta", "b")] == pytest.approx(truth[100], rel=1e-4, abs=1e-6)
