@@ -16,7 +16,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from fitlaw import fit_law, holdout_fit, law, plot_grid, spearman  # noqa: E402
+from fitlaw import fit_law, law, mape, plot_grid, r_squared, replicate_means, spearman  # noqa: E402
 
 DOC = ROOT / "docs" / "REPRODUCTION.md"
 LAW_RANKS, LAW_LENGTHS = (1, 2, 4, 8, 16, 32), (50, 100, 200, 400, 800)  # study 1: the full grid, rho = 1
@@ -46,19 +46,59 @@ def fmt_set(xs) -> str:
     return "{" + ", ".join(str(x) for x in xs) + "}"
 
 
+def arrays(rs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.array([x[k] for x in rs], float) for k in ("rank", "length", "delta_loss"))
+
+
+def fit_runs(r, l, d) -> dict:
+    """fitlaw's fit, with R² and MAPE over the runs.
+
+    fitlaw fits the mean ΔL per (rank, length) point, which for equal numbers of runs per point is the
+    least-squares fit to the runs themselves; its R² and MAPE are over the point means. In the combined
+    group the three ρ at one (rank, length) are such a point, and their means hide how far apart they
+    are, so here both statistics are computed over the runs (for the other groups, one run per point,
+    they are the same).
+    """
+    f = fit_law(r, l, d)
+    pred = law(r, l, f["C"], f["alpha"], f["beta"], f["b"])
+    return f | dict(r2=r_squared(d, pred), mape=mape(d, pred))
+
+
+def holdout_runs(r, l, d, frac: float, seed: int) -> tuple[dict, float]:
+    """Hold out a seeded random `frac` of the (rank, length) points (as fitlaw.holdout_fit splits them),
+    fit the rest, and return (fit, MAPE over the held-out runs)."""
+    _, _, y, _, where = replicate_means(r, l, d)
+    n_test = max(1, int(round(frac * len(y))))
+    test = np.isin(where, np.random.default_rng(seed).permutation(len(y))[:n_test])  # (N,) held-out runs
+    f = fit_law(r[~test], l[~test], d[~test])
+    return f, mape(d[test], law(r[test], l[test], f["C"], f["alpha"], f["beta"], f["b"]))
+
+
 def fit_rows(groups: dict) -> tuple[list[list], dict]:
     rows, fits = [], {}
     for key, rs in groups.items():
-        r = np.array([x["rank"] for x in rs], float)
-        l = np.array([x["length"] for x in rs], float)
-        d = np.array([x["delta_loss"] for x in rs], float)
         if len(rs) < 5:
             continue
-        f = fit_law(r, l, d)
-        _, hold_mape = holdout_fit(r, l, d, 0.2, 0)
+        r, l, d = arrays(rs)
+        try:
+            f = fit_runs(r, l, d)
+        except ValueError as e:  # fitlaw's reason, e.g. the points cannot determine a parameter
+            rows.append([key, f"not fitted: {e}", None, None, None, None, None, None, len(rs)])
+            continue
+        try:
+            hold_mape = holdout_runs(r, l, d, 0.2, 0)[1]
+        except ValueError:
+            hold_mape = None
         fits[key] = (f, rs)
         rows.append([key, f["C"], f["alpha"], f["beta"], f["b"], f["r2"], f["mape"], hold_mape, f["n"]])
     return rows, fits
+
+
+def negative_c(key: str, f: dict) -> str:
+    """One sentence on a fit in fitlaw's C < 0 branch, which is not the paper's law."""
+    rising = (f": ΔL = b − |C|·r^α·ℓ^(−β) with α < 0 rises with rank towards a ceiling b = {f['b']:.2f}, a "
+              "saturating curve" if f["alpha"] < 0 else "")
+    return f" The fit for {key} has C < 0{rising} rather than the paper's law (C, α, β > 0)."
 
 
 def plot_law(fits: dict, path: Path) -> None:
@@ -133,16 +173,23 @@ def main(results: Path) -> None:
             f"Small grid: ranks {fmt_set(DENSITY_RANKS)} × lengths {fmt_set(DENSITY_LENGTHS)} at each ρ, fitted "
             "separately and together (the paper's \"combined\" column).", "",
             table(["group", "C", "α", "β", "b", "R²", "MAPE %", "hold-out MAPE % (20%)", "n"], rows), "",
-            "Paper (Qwen3-8B, Llama-3.1-8B): R² 0.981–0.996, MAPE 0.5–8.3%. One seed per point; hold-out MAPE "
-            "uses one random split (seed 0).", ""]
+            "Paper (Qwen3-8B, Llama-3.1-8B): R² 0.981–0.996, MAPE 0.5–8.3%. One seed per point; R² and MAPE are "
+            "over the runs; hold-out MAPE holds out one random 20% of the (rank, length) points (seed 0). The "
+            "combined fit has no term for ρ: its three runs at each (rank, length) are fitted as one point."
+            + "".join(negative_c(k, f) for k, (f, _) in fits.items() if f["C"] < 0), ""]
     law_fit = fits.get("ρ=1, ℓ 50–800", (None,))[0]
     if law_fit:
-        r = np.array([x["rank"] for x in main_grid], float)
-        l = np.array([x["length"] for x in main_grid], float)
-        d = np.array([x["delta_loss"] for x in main_grid], float)
-        splits = [holdout_fit(r, l, d, 0.2, s) for s in range(SPLITS)]
-        span = lambda xs: f"{min(xs):.2f}–{max(xs):.2f}"  # noqa: E731
-        out += [f"How well the full-grid fit is determined: over {SPLITS} random 20% hold-out splits, α spans "
+        r, l, d = arrays(main_grid)
+        splits = []
+        for s in range(SPLITS):
+            try:
+                splits.append(holdout_runs(r, l, d, 0.2, s))
+            except ValueError:  # a split whose remaining points cannot determine the law
+                pass
+        span = lambda xs: f"{min(xs):.2f}–{max(xs):.2f}" if xs else "–"  # noqa: E731
+        failed = "" if len(splits) == SPLITS else f" ({SPLITS - len(splits)} more left too few points to fit)"
+        out += [f"How well the full-grid fit is determined: over {len(splits)} random 20% hold-out splits{failed}, "
+                f"α spans "
                 f"{span([f['alpha'] for f, _ in splits])}, β {span([f['beta'] for f, _ in splits])}, β/α "
                 f"{span([f['beta'] / f['alpha'] for f, _ in splits])} and hold-out MAPE "
                 f"{span([m for _, m in splits])}%. These are fits to ΔL after a fixed 100 steps: they describe "
