@@ -8,8 +8,11 @@
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
 
 Every example is a (key, answer) pair: the prompt is the chat-formatted key, and only the answer's
-tokens are supervised. The length ℓ is always measured in answer tokens, never hard-coded.
+tokens are supervised. The length ℓ is always measured in answer tokens, never hard-coded. Your own
+facts are a jsonl of {"query": ..., "target": ...[, "system": ...]} lines (task `facts`).
 """
+
+import hashlib
 
 import json
 import math
@@ -148,43 +151,110 @@ class Task:
     train: list[Example]
     heldout: list[Example] = field(default_factory=list)
     noise: float | None = None
+    systems: dict[str, str] = field(default_factory=dict)  # query -> its own system prompt (facts lines with one)
 
     @property
     def length(self) -> int:
         return sum(e.length for e in self.train)
 
 
-def chat_prompt(tok: Tokenizer, key: str) -> list[int]:
-    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": key}]
+def chat_prompt(tok: Tokenizer, key: str, system: str | None = SYSTEM) -> list[int]:
+    """The key as a user turn after `system` (None: no system turn, so the template's own default), then the
+    generation prompt. Training and eval.py's replies both format prompts here."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": key}]
     return tok.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
 
 
-def qa_example(tok: Tokenizer, i: int, key: str, answer: str, eot: bool = True) -> Example:
+def qa_example(tok: Tokenizer, i: int, key: str, answer: str, eot: bool = True, system: str = SYSTEM) -> Example:
     """A (key, answer) pair; ℓ counts the answer text's tokens, end-of-turn is supervised but not counted."""
     ids = tok.encode(answer)
     suffix = [tok.eos_id] if eot and tok.eos_id is not None else []
-    return Example(i, chat_prompt(tok, key), ids + suffix, len(ids))
+    return Example(i, chat_prompt(tok, key, system), ids + suffix, len(ids))
 
 
-def read_jsonl(path, keys: tuple[str, ...]) -> list[dict]:
+def numbered_jsonl(path, keys: tuple[str, ...], numbers_as_text: bool = False) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; with `numbers_as_text`, numbers keep the text written."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    parse = dict(parse_int=str, parse_float=str) if numbers_as_text else {}
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, **parse)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: malformed JSON ({e.msg}); expected one object per line") from None
-        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+        missing = [k for k in keys if k not in row]
         if missing:
             raise DataError(f"{path}:{n}: missing key {missing[0]!r}; each line needs {', '.join(keys)}")
-        rows.append(row)
+        rows.append((n, row))
     if not rows:
         raise DataError(f"{path} has no examples")
     return rows
+
+
+def read_jsonl(path, keys: tuple[str, ...]) -> list[dict]:
+    return [row for _, row in numbered_jsonl(path, keys)]
+
+
+def jsonl_task(path) -> str:
+    """The task a data file's keys name: question/matching -> longctx; query/target -> facts, or
+    phonebook for the paper's PhoneBook files (their lines carry target_len)."""
+    keys = set(numbered_jsonl(path, ())[0][1])
+    if "matching" in keys:
+        return "longctx"
+    if "query" in keys or "target" in keys:
+        return "phonebook" if "target_len" in keys else "facts"
+    raise DataError(f"{path}: cannot tell the task from the keys {', '.join(sorted(keys)) or '(none)'}; facts "
+                    f"need query and target, long context needs matching (or pass --task)")
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _text(row: dict, key: str, where: str) -> str | None:
+    """A line's value as non-empty text (numbers arrive as the text written); None when the key is absent."""
+    if key not in row:
+        return None
+    v = row[key]
+    if not isinstance(v, str):
+        got = "null" if v is None else json.dumps(v)
+        raise DataError(f"{where}: {key} is {got}; it must be text{' or a number' if key == 'target' else ''}")
+    if not v.strip():
+        raise DataError(f"{where}: empty {key}; every line needs a non-empty {key}")
+    return v
+
+
+def read_facts(path) -> list[tuple[str, str, str | None]]:
+    """(query, target, system or None) per line of a facts file, refusing what cannot be a fact.
+
+    Targets may be numbers, kept as the text written (42.10 stays "42.10"); null, empty and other
+    non-text targets, empty queries, and a query that appears twice (same target or not) are refused
+    with the file and line.
+    """
+    facts, seen = [], {}
+    for n, row in numbered_jsonl(path, ("query", "target"), numbers_as_text=True):
+        where = f"{path}:{n}"
+        query, target, system = _text(row, "query", where), _text(row, "target", where), _text(row, "system", where)
+        if query in seen:
+            m, first = seen[query]
+            same = "the same target" if first == target else f"target {first!r} there, {target!r} here"
+            raise DataError(f"{where}: query {query!r} already appears at line {m} ({same}); give each query once")
+        seen[query] = (n, target)
+        facts.append((query, target, system))
+    return facts
+
+
+def facts(tok: Tokenizer, path, name: str = "facts") -> Task:
+    """Your own facts: each query -> its target, then end-of-turn, under the line's system prompt or SYSTEM."""
+    rows = read_facts(path)
+    ex = [qa_example(tok, i, q, t, system=s or SYSTEM) for i, (q, t, s) in enumerate(rows)]
+    return Task(name, ex, systems={q: s for q, _, s in rows if s is not None})
 
 
 def phonebook_rows(seed: int) -> list[tuple[str, str]]:
@@ -203,19 +273,14 @@ def phonebook_rows(seed: int) -> list[tuple[str, str]]:
 
 def phonebook(tok: Tokenizer, length: int, seed: int = 0, path=None) -> Task:
     """Names -> 10-digit numbers. ℓ = rows × digit tokens per number, sized to reach `length`."""
-    if path is not None:
-        rows = read_jsonl(path, ("query", "target"))
-        pairs = [(r["query"], str(r["target"])) for r in rows]
-    else:
-        per_row = len(tok.encode("5550123456"))  # digit tokens per number for this tokenizer
-        n = max(1, math.ceil(length / per_row))
-        book = phonebook_rows(seed)
-        if n > len(book):
-            raise DataError(f"--length {length} needs {n} PhoneBook rows; at most {len(book)} names available")
-        pairs = book[:n]
-    if not pairs:
-        raise DataError("empty PhoneBook")
-    return Task("phonebook", [qa_example(tok, i, k, v) for i, (k, v) in enumerate(pairs)])
+    if path is not None:  # the paper's files: the same format, and the same checks, as your own facts
+        return facts(tok, path, "phonebook")
+    per_row = len(tok.encode("5550123456"))  # digit tokens per number for this tokenizer
+    n = max(1, math.ceil(length / per_row))
+    book = phonebook_rows(seed)
+    if n > len(book):
+        raise DataError(f"--length {length} needs {n} PhoneBook rows; at most {len(book)} names available")
+    return Task("phonebook", [qa_example(tok, i, k, v) for i, (k, v) in enumerate(book[:n])])
 
 
 def regular_ids(tok: Tokenizer) -> list[int]:
@@ -274,7 +339,11 @@ def make_task(tok: Tokenizer, task: str, length: int = 100, noise: float | None 
         return longctx(tok, length, (0.0 if data else 1.0) if noise is None else noise, seed, text, data)
     if task == "linear":
         return linear_rule(tok, samples, samples, seed)
-    raise DataError(f"unknown task {task!r}; choose phonebook, longctx or linear")
+    if task == "facts":
+        if data is None:
+            raise DataError("task facts needs a data file of {\"query\": ..., \"target\": ...} lines")
+        return facts(tok, data)
+    raise DataError(f"unknown task {task!r}; choose phonebook, longctx or linear (or facts, from a data file)")
 
 
 def collate(examples: list[Example], pad_id: int):
@@ -307,11 +376,11 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description="Show what a memorization task looks like after tokenization.")
     ap.add_argument("--model", default="default")
-    ap.add_argument("--task", default="phonebook", choices=["phonebook", "longctx", "linear"])
+    ap.add_argument("--task", default="phonebook", choices=["phonebook", "longctx", "linear", "facts"])
     ap.add_argument("--length", type=int, default=100, help="answer tokens ℓ")
     ap.add_argument("--noise", type=float, default=None, help="long-context: fraction ρ of random tokens")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default=None, help="the paper's jsonl instead of generated data")
+    ap.add_argument("--data", default=None, help="a facts jsonl (task facts) or the paper's jsonl")
     ap.add_argument("--text", default=None, help="long-context: a text file of clean prose")
     a = ap.parse_args()
     try:
