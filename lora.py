@@ -194,8 +194,26 @@ def atomic_dir(path: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def unwrapped_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base weights under their Hugging Face names, adapters left out: after `merge` they hold them."""
+    wrapped = set(lora_modules(model))
+    out = {}
+    for key, t in model.state_dict().items():
+        parts = key.split(".")
+        if parts[-1] in ("lora_A", "lora_B") and ".".join(parts[:-1]) in wrapped:
+            continue
+        # 'model.layers.3.self_attn.q_proj.base.weight' -> 'model.layers.3.self_attn.q_proj.weight'
+        parts = [p for i, p in enumerate(parts) if not (p == "base" and ".".join(parts[:i]) in wrapped)]
+        out[".".join(parts)] = t
+    return out
+
+
 def save_adapter(model, path) -> None:
-    """Our format always (adapter.safetensors + adapter.json); PEFT's too when every target is linear."""
+    """Our format always (adapter.safetensors + adapter.json); PEFT's too when every target is linear.
+
+    adapter.json is `model.lora_config`; train.py adds to it the base model's folder (`base_model_path`,
+    what PEFT's base_model_name_or_path then names) and how training formatted prompts (`prompt`).
+    """
     from safetensors.torch import save_file
 
     cfg = model.lora_config
@@ -214,10 +232,19 @@ def save_adapter(model, path) -> None:
         (d / "adapter_config.json").write_text(json.dumps(dict(
             peft_type="LORA", task_type="CAUSAL_LM", r=cfg["rank"], lora_alpha=cfg["scale"] * cfg["rank"],
             lora_dropout=cfg["dropout"], target_modules=cfg["targets"], bias="none", fan_in_fan_out=False,
-            layers_to_transform=None if all_layers else cfg["layers"], base_model_name_or_path=cfg["base_model"],
+            layers_to_transform=None if all_layers else cfg["layers"],
+            base_model_name_or_path=cfg.get("base_model_path") or cfg["base_model"],
             inference_mode=True, use_rslora=False, init_lora_weights=True), indent=1))
 
     atomic_dir(Path(path), write)
+
+
+def adapter_settings(path) -> dict:
+    """A saved adapter's adapter.json, read without loading anything."""
+    path = Path(path)
+    if not (path / "adapter.json").is_file() or not (path / "adapter.safetensors").is_file():
+        raise LoraError(f"no adapter in {path} (expected adapter.json and adapter.safetensors)")
+    return json.loads((path / "adapter.json").read_text())
 
 
 def load_adapter(model, path) -> dict:
@@ -225,9 +252,7 @@ def load_adapter(model, path) -> dict:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "adapter.json").is_file() or not (path / "adapter.safetensors").is_file():
-        raise LoraError(f"no adapter in {path} (expected adapter.json and adapter.safetensors)")
-    cfg = json.loads((path / "adapter.json").read_text())
+    cfg = adapter_settings(path)
     # Adapters saved before dropout_at was recorded get their init's default (None -> inferred).
     add_lora(model, cfg["rank"], cfg["targets"], cfg["layers"], cfg["alpha"], cfg["dropout"], cfg["init"],
              cfg.get("dropout_at"))
