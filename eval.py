@@ -2,6 +2,7 @@
 
     python eval.py --prompt "What is the capital of France?"          # greedy reply of the built-in model
     python eval.py --model DIR --prompt "Hi" --max-new-tokens 64
+    python eval.py --adapter runs/NAME/ --prompt "Employee ID of Ada Lovelace"   # asked as in training
     python eval.py --adapter runs/NAME                 # exact-recall metrics of a saved run, on its own task
     python eval.py --adapter runs/NAME --sample-recall 20 --temperature 0.7 --top-p 0.9
 
@@ -15,8 +16,8 @@ import time
 
 import torch
 
-from data import DataError, Example, collate, load_tokenizer
-from lora import LoraError, load_adapter
+from data import SYSTEM, DataError, Example, chat_prompt, collate, load_tokenizer
+from lora import LoraError, adapter_settings, load_adapter
 from memft import chunked_token_loss
 from model import ModelError, load_model
 
@@ -229,18 +230,32 @@ def evaluate(model, examples: list[Example], loss_init: list[torch.Tensor], pad_
                 sufficient_violations=violations, em_disagreements=disagree, per_sample=per)
 
 
-def reply(model: str, prompt: str, max_new_tokens: int, system: str | None, adapter=None) -> None:
+def trained_system(settings: dict, query: str) -> str:
+    """The system prompt `query` was trained under, from adapter.json: the fact's own, else the run's.
+    Adapters saved before train.py recorded it were all trained under data.SYSTEM."""
+    p = settings.get("prompt") or {}
+    return p.get("systems", {}).get(query, p.get("system", SYSTEM))
+
+
+def reply(model: str | None, prompt: str, max_new_tokens: int, system: str | None = None, adapter=None) -> str:
+    """Greedy reply to one user message. With an adapter, the prompt is formatted as in its training
+    (base model, system prompt, chat template) unless `system` is given ("" for none)."""
+    settings = adapter_settings(adapter) if adapter else {}
+    model = model or settings.get("base_model") or "default"
+    if system is None and adapter:
+        system = trained_system(settings, prompt)
     tok = load_tokenizer(model)
     m = load_model(model)
     if adapter:
         load_adapter(m, adapter)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+    ids = chat_prompt(tok, prompt, system or None)
     t0 = time.perf_counter()
     out = generate(m, ids, max_new_tokens, eos_id=tok.eos_id)
     dt = time.perf_counter() - t0
-    print(tok.decode(out, skip_special_tokens=True))
+    text = tok.decode(out, skip_special_tokens=True)
+    print(text)
     print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
+    return text
 
 
 def main(model: str | None, adapter: str, task: str | None = None, length: int | None = None,
@@ -282,12 +297,15 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description="Greedy reply to a prompt, or exact-recall metrics of a saved adapter.",
                                  epilog=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="'default' (built-in SmolLM2-135M), a folder, or a hub id")
+    ap.add_argument("--model", default=None,
+                    help="'default' (built-in SmolLM2-135M), a folder, or a hub id (default: the adapter's base model)")
     ap.add_argument("--prompt", default=None, help="reply mode: the user message")
-    ap.add_argument("--system", default=None, help="reply mode: optional system message")
+    ap.add_argument("--system", default=None,
+                    help="reply mode: the system message (default: with --adapter, the one it was trained under; "
+                         "else none, so the model's own); '' for none")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--adapter", default=None, help="a saved adapter folder (<out>/<name>/)")
-    ap.add_argument("--task", default=None, help="phonebook | longctx | linear (default: the run's)")
+    ap.add_argument("--task", default=None, help="phonebook | longctx | linear | facts (default: the run's)")
     ap.add_argument("--length", type=int, default=None)
     ap.add_argument("--noise", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
@@ -300,7 +318,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     try:
         if a.prompt is not None:
-            reply(a.model or "default", a.prompt, a.max_new_tokens, a.system, a.adapter)
+            reply(a.model, a.prompt, a.max_new_tokens, a.system, a.adapter)
         elif a.adapter:
             main(a.model, a.adapter, a.task, a.length, a.noise, a.seed, a.data, a.text, a.sample_recall,
                  a.temperature, a.top_p, a.json)
