@@ -1,15 +1,18 @@
 """Write facts into a LoRA adapter and measure how well it remembers them: the main job.
 
     python train.py                                    # small PhoneBook run on the built-in model
+    python train.py --data myfacts.jsonl --stop-when-memorized --merge-to merged/   # your own facts
     python train.py --task longctx --length 200 --noise 1.0 --rank 8 --method sw
     python train.py --model DIR --task phonebook --length 60 --rank 4 --targets q_proj,v_proj --method ot --steps 30
     python train.py --ranks 1,2,4,8 --lengths 50,100,200 --task longctx     # a resumable grid sweep
     torchrun --nproc_per_node 2 train.py ...                               # data parallel, FSDP2 over 2 processes
 
 Each run writes <out>/<name>.json (results, with a per-step history and the settings that produced
-them) and <out>/<name>/ (the adapter). A killed run started again with the same command resumes
-from <out>/<name>.ckpt/. A finished run is reused only when every setting that changes its
-numbers matches; otherwise the run stops and names the settings that differ.
+them) and <out>/<name>/ (the adapter, with the prompt format training used). A killed run started
+again with the same command resumes from <out>/<name>.ckpt/. A finished run is reused only when
+every setting that changes its numbers matches; otherwise the run stops and names the settings that
+differ. With --data the task follows the file's keys: {"query", "target"[, "system"]} lines are your
+own facts (task facts, preset standard, the run named after the file and a hash of its content).
 
 Reading order: `train_step` (one micro-batch, top to bottom), then `Processes` (the data-parallel
 layer around it), then `train` (the loop) and `main` (one run, from settings to results file).
@@ -27,12 +30,13 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, Example, load_tokenizer, make_task
+from data import SYSTEM, DataError, Example, file_sha256, jsonl_task, load_tokenizer, make_task, read_facts
 from eval import LN2, PrefixCache, answer_losses, evaluate, sampled_recall, teacher_forced
-from lora import PRESETS, TARGETS, LoraError, adapter_disabled, add_lora, atomic_dir, lora_parameters, save_adapter
+from lora import (PRESETS, TARGETS, LoraError, adapter_disabled, add_lora, atomic_dir, load_adapter, lora_parameters,
+                  merge, save_adapter, unwrapped_state_dict)
 from memft import (SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights,
                    paper_schedule, weighted_loss)
-from model import ModelError, default_device_dtype, load_model
+from model import ModelError, default_device_dtype, load_model, resolve_model_dir
 
 SCHEMA = 2  # 2: results carry `settings` and `processes`
 
@@ -40,14 +44,14 @@ SCHEMA = 2  # 2: results carry `settings` and `processes`
 @dataclass
 class Config:
     model: str = "default"
-    task: str = "phonebook"
-    length: int = 100
+    task: str | None = None  # None -> from --data's keys (query/target: facts), else phonebook
+    length: int | None = None  # None -> 100; facts and PhoneBook files take theirs from the file
     noise: float | None = None
     data: str | None = None
     text: str | None = None
     samples: int = 100
     rank: int = 8
-    preset: str = "paper"
+    preset: str | None = None  # None -> standard for facts (PEFT loads it, it merges), paper otherwise
     targets: str | None = None  # comma list; None -> the preset's
     layers: str | None = None  # comma list; None -> preset ('paper': 2/3 depth) or all
     alpha: float | None = None
@@ -67,6 +71,7 @@ class Config:
     snapshots: str | None = None  # comma list of steps at which to evaluate inside the run
     out: str = "runs"
     name: str | None = None
+    merge_to: str | None = None  # after training: a Hugging Face folder with the adapter folded into the weights
     overwrite: bool = False
     save_every: int = 0  # 0 -> about 10 checkpoints per run
     activation_checkpointing: bool = False
@@ -82,12 +87,30 @@ class Config:
     dtype: str | None = None
     device: str | None = None
 
+    def settled(self) -> "Config":
+        """These settings with what follows from the others filled in: the task, its preset and length."""
+        task = self.task or (jsonl_task(self.data) if self.data else "phonebook")
+        preset = self.preset or ("standard" if task == "facts" else "paper")
+        length = self.length if self.length is not None or self.length_from_file(task) else 100
+        return replace(self, task=task, preset=preset, length=length)
+
+    def length_from_file(self, task: str) -> bool:
+        return task == "facts" or (task == "phonebook" and self.data is not None)
+
     def run_name(self) -> str:
-        noise = "" if self.task != "longctx" else f"-n{1.0 if self.noise is None else self.noise:g}"
-        length = "" if self.task == "linear" else f"-L{self.length}"  # the rule's answers set their own length
-        data = "" if self.data_seed in (None, self.seed) else f"-d{self.data_seed}"
-        sched = f"-{self.paper_schedule}" if self.paper_schedule else "-const" if self.schedule == "constant" else ""
-        return self.name or f"{self.task}{noise}{length}-r{self.rank}-{self.method}{sched}-s{self.seed}{data}"
+        if self.name:
+            return self.name
+        c = self.settled()
+        data = "" if c.data_seed in (None, c.seed) else f"-d{c.data_seed}"
+        sched = f"-{c.paper_schedule}" if c.paper_schedule else "-const" if c.schedule == "constant" else ""
+        tail = f"-r{c.rank}-{c.method}{sched}-s{c.seed}{data}"
+        source = f"{Path(c.data).stem}-{file_sha256(c.data)[:6]}" if c.data else ""  # another content, another run
+        if c.task == "facts":
+            return source + tail
+        rho = (0.0 if c.data else 1.0) if c.noise is None else c.noise  # as make_task reads it
+        noise = "" if c.task != "longctx" else f"-n{rho:g}"
+        length = "" if c.length is None or c.task == "linear" else f"-L{c.length}"  # the rule sets its own
+        return f"{c.task}{noise}{length}{'-' + source if source else ''}{tail}"
 
     @property
     def seed_of_data(self) -> int:
@@ -110,12 +133,15 @@ class RunInterrupted(RunError):
 # Settings that change only speed, memory, where files go or how often they are written. Every
 # other setting changes the numbers, so a finished run or a checkpoint is reused only when all of
 # those match (`identity`).
-NOT_IDENTITY = ("out", "name", "overwrite", "save_every", "prefix_cache_mb", "activation_checkpointing", "compile")
+NOT_IDENTITY = ("out", "name", "overwrite", "save_every", "prefix_cache_mb", "activation_checkpointing", "compile",
+                "merge_to")
 
 
 def identity(cfg: Config, processes: int) -> dict:
-    """Everything that determines a run's numbers, the number of processes included."""
-    return {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY} | {"processes": processes}
+    """Everything that determines a run's numbers: the settled settings, the number of processes and
+    the data file's content (an edited file is other data under the same name)."""
+    data = {"data_sha256": file_sha256(cfg.data)} if cfg.data else {}
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY} | {"processes": processes} | data
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
@@ -165,15 +191,14 @@ def check(cfg: Config) -> None:
         ok = ok and not (k == "dropout" and v >= 1) and not (k == "top_p" and v <= 0)
         if not ok:
             raise RunError(f"--{k.replace('_', '-')} must be {words}, got {v}")
-    choices = dict(task=(cfg.task, ("phonebook", "longctx", "linear")), method=(cfg.method, ("sft", "ot", "sw")),
-                   preset=(cfg.preset, tuple(PRESETS)), ot_fallback=(cfg.ot_fallback, ("sft", "skip")),
+    choices = dict(task=(cfg.task, (None, "phonebook", "longctx", "linear", "facts")),
+                   method=(cfg.method, ("sft", "ot", "sw")),
+                   preset=(cfg.preset, (None, *PRESETS)), ot_fallback=(cfg.ot_fallback, ("sft", "skip")),
                    sw_flavour=(cfg.sw_flavour, (None, "window", "curriculum")),
                    schedule=(cfg.schedule, ("linear", "constant")), paper_schedule=(cfg.paper_schedule, (None, "qwen", "llama")))
     for k, (v, allowed) in choices.items():
         if v not in allowed:
             raise RunError(f"unknown --{k.replace('_', '-')} {v!r}; choose {', '.join(a for a in allowed if a)}")
-    if cfg.paper_schedule and cfg.task != "phonebook":
-        raise RunError("--paper-schedule holds the authors' PhoneBook tables; use it with --task phonebook")
     try:
         steps = cfg.snapshot_steps()
     except ValueError:
@@ -197,6 +222,39 @@ def check(cfg: Config) -> None:
     for f in (cfg.data, cfg.text):
         if f is not None and not Path(f).is_file():
             raise RunError(f"file not found: {f}")
+    check_data(cfg)
+    if cfg.merge_to:
+        check_merge_to(cfg.settled())
+
+
+def check_data(cfg: Config) -> None:
+    """The task --data names, and every line of a facts file, checked before the tokenizer loads."""
+    c = cfg.settled()  # reads --data's keys: a malformed file stops here, with its line
+    if c.paper_schedule and c.task != "phonebook":
+        raise RunError("--paper-schedule holds the authors' PhoneBook tables; use it with --task phonebook")
+    if c.task == "facts" and c.data is None:
+        raise RunError('--task facts needs --data FILE, a jsonl of {"query": ..., "target": ...} lines')
+    if c.length_from_file(c.task):
+        if cfg.length is not None:
+            raise RunError(f"--length does not apply to --data {c.data} (task {c.task}): the file's targets set the "
+                           f"answer length; drop --length")
+        read_facts(c.data)
+
+
+MERGED_MARK = "merged_from.json"  # names the run a merged folder came from; only such folders are replaced
+
+
+def check_merge_to(cfg: Config) -> None:
+    targets = [t.strip() for t in cfg.targets.split(",")] if cfg.targets else PRESETS[cfg.preset]["targets"]
+    if "mlp" in targets:
+        raise RunError("--merge-to needs linear targets: the paper's whole-MLP probe (target mlp, the paper preset) "
+                       "cannot be folded into the base weights; use --preset standard (q_proj,v_proj), which merges "
+                       "and exports to PEFT")
+    out = Path(cfg.merge_to)
+    if out.resolve() == RunFiles(Path(cfg.out), cfg.run_name()).adapter.resolve():
+        raise RunError(f"--merge-to {out} is where this run's adapter goes; choose another folder")
+    if out.exists() and not (out / MERGED_MARK).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise RunError(f"--merge-to {out} exists and is not a merged model written by train.py; choose a new folder")
 
 
 def resolve_lora(cfg: Config, n_layers: int) -> dict:
@@ -836,17 +894,22 @@ def start_run(cfg: Config, procs: Processes) -> tuple[RunFiles, dict, dict | Non
 def main(cfg: Config) -> dict:
     """One run: settings -> data -> model and adapter -> training -> evaluation -> results file."""
     check(cfg)
+    cfg = cfg.settled()
     method = resolve_method(cfg)
     procs = Processes.start()
     if cfg.compile and procs.world > 1:  # FSDP's per-layer hooks split the compiled graphs: slower, not faster
         raise RunError("--compile runs in a single process only; drop it under torchrun")
     files, settings, done, lock = start_run(cfg, procs)
-    if done is not None:
-        if procs.rank == 0:
-            print(f"{files.result} exists with the same settings: run already done (--overwrite reruns it)")
-        return done
     try:
-        return run(cfg, method, procs, files, settings)
+        if done is not None:
+            if procs.rank == 0:
+                print(f"{files.result} exists with the same settings: run already done (--overwrite reruns it)")
+            result = done
+        else:
+            result = run(cfg, method, procs, files, settings)
+        if cfg.merge_to and procs.rank == 0:  # from the saved adapter, so a finished run can be merged later
+            write_merged(cfg, files.adapter, Path(cfg.merge_to))
+        return result
     finally:
         if lock is not None:
             lock.release()
@@ -866,6 +929,9 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
     lcfg = resolve_lora(cfg, model.args.n_layers)
     n_params = add_lora(model, cfg.rank, **lcfg)
+    # Saved with the adapter: the base model's real folder (for PEFT) and the prompt format (for eval.py).
+    model.lora_config |= dict(base_model_path=base_model_path(cfg.model), prompt=dict(
+        system=SYSTEM, systems=task.systems, chat_template_kwargs=dict(enable_thinking=False)))
     layers = model.lora_config["layers"]
     prefix = PrefixCache(model, min(layers), cfg.prefix_cache_mb) if min(layers) > 0 else None
     if procs.world > 1:
@@ -920,6 +986,12 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
     return result
 
 
+def base_model_path(model: str) -> str:
+    """What PEFT's base_model_name_or_path should say: the real folder for 'default' or a folder, else the hub id."""
+    local = model in ("", "default") or Path(model).expanduser().is_dir()
+    return str(resolve_model_dir(model).resolve()) if local else model
+
+
 def write_results(files: RunFiles, model, result: dict) -> None:
     import shutil
 
@@ -938,6 +1010,49 @@ def write_results(files: RunFiles, model, result: dict) -> None:
           + (f", stopped at step {stop} ({r['stop_reason']})" if stop is not None else "")
           + (f", held-out EM {r['heldout_exact_match']:.3f}" if "heldout_exact_match" in r else "")
           + f" | {r['time_s']:.1f}s -> {files.result}")
+    if "mlp" in r["targets"]:
+        print(f"note: the whole-MLP probe (target mlp, the paper preset) has no PEFT form: {files.adapter} holds "
+              f"our format only (eval.py loads it; PEFT cannot); --preset standard exports to PEFT and merges")
+    elif r["task"] == "facts":
+        print(f"ask it: python eval.py --adapter {files.adapter} --prompt QUERY (formatted as in training)")
+
+
+def write_merged(cfg: Config, adapter: Path, out: Path) -> None:
+    """--merge-to: the base model with the saved adapter folded into its weights, as a Hugging Face folder.
+
+    Merged on the CPU in fp32 (base + s·B·A, no rounding) and saved in fp32, whatever the training dtype.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = resolve_model_dir(cfg.model)
+    model = load_model(cfg.model, dtype="fp32", device="cpu")
+    load_adapter(model, adapter)
+    merge(model)
+    sd = {k: v.contiguous() for k, v in unwrapped_state_dict(model).items()}
+    if model.args.tie_embeddings:
+        del sd["lm_head.weight"]  # the same tensor as the embeddings; config.json ties them again
+    config = json.loads((src / "config.json").read_text())
+    for k in ("torch_dtype", "dtype"):
+        if k in config:
+            config[k] = "float32"
+    tokenizer = [f for f in src.iterdir() if f.name.startswith("tokenizer") or f.name in (
+        "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")]
+
+    def write(d: Path):
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        for f in tokenizer:
+            shutil.copy(f, d / f.name)
+        (d / MERGED_MARK).write_text(json.dumps(dict(base_model=base_model_path(cfg.model), adapter=str(adapter)),
+                                                indent=1))
+
+    try:
+        atomic_dir(out, write)
+    except OSError as e:
+        raise RunError(f"could not write the merged model to {out} ({e.strerror or e})") from None
+    print(f"merged: {out} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
 
 
 def run_grid(cfg: Config, sweep: dict) -> None:
@@ -953,9 +1068,12 @@ def run_grid(cfg: Config, sweep: dict) -> None:
         values = {k: [conv(x) for x in v.split(",")] if v else [getattr(cfg, k)] for k, (v, conv) in axes.items()}
     except ValueError as e:
         raise RunError(f"a sweep list has a value of the wrong type ({e})") from None
+    if cfg.merge_to:
+        raise RunError("--merge-to writes one run's merged model; drop the sweep lists, or merge each run on its own")
     grid = [replace(cfg, name=None, **dict(zip(values, combo))) for combo in product(*values.values())]
-    for c in grid:  # every run's settings, and every finished run's, are checked before the first starts
+    for i, c in enumerate(grid):  # every run's settings, and every finished run's, are checked before the first starts
         check(c)
+        grid[i] = c = c.settled()
         f = RunFiles(Path(c.out), c.run_name()).result
         if f.exists() and not c.overwrite:
             refuse_other_settings(json.loads(f.read_text()).get("settings"),
@@ -982,15 +1100,22 @@ def parse(argv=None) -> tuple[Config, dict]:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default=c.model, help="'default' (built-in SmolLM2-135M), a folder, or a hub id")
-    g.add_argument("--task", default=c.task, help="phonebook | longctx | linear (default %(default)s)")
-    g.add_argument("--length", type=int, default=c.length, help="answer tokens ℓ (PhoneBook: digits) (default %(default)s)")
+    g.add_argument("--task", default=None,
+                   help="phonebook | longctx | linear | facts (default: from --data's keys, else phonebook)")
+    g.add_argument("--length", type=int, default=None,
+                   help="answer tokens ℓ (PhoneBook: digits) (default 100); refused with a facts or PhoneBook "
+                        "--data file, whose targets set the length")
     g.add_argument("--noise", type=float, default=None, help="longctx: fraction ρ of random tokens (default 1.0)")
-    g.add_argument("--data", default=None, help="the paper's jsonl instead of generated data")
+    g.add_argument("--data", default=None,
+                   help='a jsonl of your own facts, {"query": ..., "target": ...[, "system": ...]} per line (task '
+                        "facts), or the paper's PhoneBook / long-context jsonl; the task follows the keys")
     g.add_argument("--text", default=None, help="longctx: a plain-text file of clean prose (default: built-in)")
     g.add_argument("--samples", type=int, default=c.samples, help="linear: train pairs (as many held out)")
     g = ap.add_argument_group("adapter")
     g.add_argument("--rank", type=int, default=c.rank, help="LoRA rank r (default %(default)s)")
-    g.add_argument("--preset", default=c.preset, help="paper (mlp probe, 2/3 depth) | standard (q,v all layers)")
+    g.add_argument("--preset", default=None,
+                   help="paper (mlp probe, 2/3 depth; our format only) | standard (q,v all layers; exports to PEFT "
+                        "and merges) (default: standard for facts, paper otherwise)")
     g.add_argument("--targets", default=None, help="comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,mlp")
     g.add_argument("--layers", default=None, help="comma list of layer indices (default: preset's)")
     g.add_argument("--alpha", type=float, default=None, help="standard preset: s = alpha/r (default alpha = r)")
@@ -1025,7 +1150,11 @@ def parse(argv=None) -> tuple[Config, dict]:
                    help="with --stop-when-memorized / --stop-at-plateau: check period in steps (default %(default)s)")
     g = ap.add_argument_group("output")
     g.add_argument("--out", default=c.out, help="results folder (default %(default)s)")
-    g.add_argument("--name", default=None, help="run name (default from the settings)")
+    g.add_argument("--name", default=None,
+                   help="run name (default from the settings; with --data, the file's name and a hash of its content)")
+    g.add_argument("--merge-to", default=None, metavar="DIR",
+                   help="after training, write a Hugging Face folder (fp32 weights with the adapter folded in, "
+                        "config, tokenizer) that transformers loads alone; linear targets only")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a finished run or checkpoint of this name even if its settings differ")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint period in steps (default: 10 per run)")
