@@ -174,22 +174,17 @@ def check(cfg: Config) -> None:
     for k, v in at_least_zero.items():  # 0 steps: evaluate the untrained adapter (ΔL = 0)
         if v is not None and v < 0:
             raise RunError(f"--{k.replace('_', '-')} must be 0 or more, got {v}")
-    finite = dict(lr=(cfg.lr, 0, None), alpha=(cfg.alpha, 0, None), temperature=(cfg.temperature, None, None),
-                  prefix_cache_mb=(cfg.prefix_cache_mb, None, None), stop_at_plateau=(cfg.stop_at_plateau, 0, None))
-    for k, (v, above, _) in finite.items():
-        if v is None:
-            continue
-        if not math.isfinite(v) or (above is not None and v <= above) or v < 0:
-            want = "a finite number above 0" if above is not None else "a finite number, 0 or more"
-            raise RunError(f"--{k.replace('_', '-')} must be {want}, got {v}")
-    ranges = dict(noise=(cfg.noise, 0.0, 1.0, "in [0, 1]"), dropout=(cfg.dropout, 0.0, 1.0, "in [0, 1)"),
-                  top_p=(cfg.top_p, 0.0, 1.0, "in (0, 1]"))
-    for k, (v, lo, hi, words) in ranges.items():
-        if v is None:
-            continue
-        ok = math.isfinite(v) and lo <= v <= hi
-        ok = ok and not (k == "dropout" and v >= 1) and not (k == "top_p" and v <= 0)
-        if not ok:
+    # Each number's allowed values; nan fails every comparison, so it is refused with the rest.
+    numbers = dict(lr=(cfg.lr, lambda v: 0 < v < math.inf, "a finite number above 0"),
+                   alpha=(cfg.alpha, lambda v: 0 < v < math.inf, "a finite number above 0"),
+                   stop_at_plateau=(cfg.stop_at_plateau, lambda v: 0 < v < math.inf, "a finite number above 0"),
+                   temperature=(cfg.temperature, lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
+                   prefix_cache_mb=(cfg.prefix_cache_mb, lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
+                   noise=(cfg.noise, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                   dropout=(cfg.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+                   top_p=(cfg.top_p, lambda v: 0 < v <= 1, "in (0, 1]"))
+    for k, (v, ok, words) in numbers.items():
+        if v is not None and not ok(v):
             raise RunError(f"--{k.replace('_', '-')} must be {words}, got {v}")
     choices = dict(task=(cfg.task, (None, "phonebook", "longctx", "linear", "facts")),
                    method=(cfg.method, ("sft", "ot", "sw")),
@@ -205,9 +200,9 @@ def check(cfg: Config) -> None:
         raise RunError(f"--snapshots takes comma-separated step numbers, got {cfg.snapshots!r}") from None
     if any(x <= 0 for x in steps):
         raise RunError(f"--snapshots steps must be positive, got {cfg.snapshots!r}")
-    for t in (cfg.targets or "").split(","):
-        if cfg.targets is not None and t.strip() not in TARGETS:
-            raise RunError(f"unknown LoRA target {t.strip()!r}; choose from {', '.join(TARGETS)}")
+    for t in [] if cfg.targets is None else [t.strip() for t in cfg.targets.split(",")]:  # "" is refused too
+        if t not in TARGETS:
+            raise RunError(f"unknown LoRA target {t!r}; choose from {', '.join(TARGETS)}")
     if cfg.layers:
         try:
             [int(x) for x in cfg.layers.split(",")]
@@ -245,8 +240,7 @@ MERGED_MARK = "merged_from.json"  # names the run a merged folder came from; onl
 
 
 def check_merge_to(cfg: Config) -> None:
-    targets = [t.strip() for t in cfg.targets.split(",")] if cfg.targets else PRESETS[cfg.preset]["targets"]
-    if "mlp" in targets:
+    if "mlp" in target_list(cfg.targets, PRESETS[cfg.preset]["targets"]):
         raise RunError("--merge-to needs linear targets: the paper's whole-MLP probe (target mlp, the paper preset) "
                        "cannot be folded into the base weights; use --preset standard (q_proj,v_proj), which merges "
                        "and exports to PEFT")
@@ -257,9 +251,14 @@ def check_merge_to(cfg: Config) -> None:
         raise RunError(f"--merge-to {out} exists and is not a merged model written by train.py; choose a new folder")
 
 
+def target_list(targets: str | None, default: tuple) -> tuple:
+    """--targets as a tuple of module names, or `default` (the preset's) when not given."""
+    return tuple(t.strip() for t in targets.split(",")) if targets else tuple(default)
+
+
 def resolve_lora(cfg: Config, n_layers: int) -> dict:
     p = PRESETS[cfg.preset]
-    targets = tuple(t.strip() for t in cfg.targets.split(",")) if cfg.targets else p["targets"]
+    targets = target_list(cfg.targets, p["targets"])
     if cfg.layers:
         layers = [int(x) for x in cfg.layers.split(",")]
     else:  # the paper probes one layer at about two-thirds depth (20 of 30, 24 of 36, ...)
