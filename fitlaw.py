@@ -391,14 +391,18 @@ SNAPSHOT_KEYS = ("delta_loss", "loss_final", "token_acc", "exact_match", "stubbo
 
 def at_step(runs, step):
     """Each run as it stood at its snapshot `step` (train.py --snapshots): its measurements then, and
-    budget = step. Returns (runs, how many had no such snapshot)."""
+    budget = step. A run that stopped memorised (--stop-when-memorized) before `step` has no snapshot
+    there; it enters with its final measurements, since a memorised run only creeps on (ΔL by < 0.1%).
+    Returns (runs, how many had neither)."""
     out, missing = [], 0
     for run in runs:
         snap = next((s for s in run.get("snapshots") or [] if s.get("step") == step), None)
-        if snap is None:
+        if snap is not None:
+            out.append(dict(run, **{k: snap[k] for k in SNAPSHOT_KEYS if k in snap}, budget=step, steps=step))
+        elif run.get("stop_reason") == "memorized" and (run.get("stopped_at") or step) < step:
+            out.append(dict(run, budget=step))
+        else:
             missing += 1
-            continue
-        out.append(dict(run, **{k: snap[k] for k in SNAPSHOT_KEYS if k in snap}, budget=step, steps=step))
     return out, missing
 
 

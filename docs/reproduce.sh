@@ -25,6 +25,22 @@ budget_curve() {  # $1: training seed
     --schedule constant --steps 2000 --snapshots $SNAPS --save-every 100 --out $OUT
 }
 
-budget_curve 0 > $OUT/chain1.log 2>&1 &
-budget_curve 1 > $OUT/chain2.log 2>&1
+# Stage 2, the law at a fixed budget of 2000 steps (stage 1: rank 1 at ℓ = 100 still gains ~1% per 500
+# steps there, so rank 1 and 2 points are "fixed budget", not converged): ranks {1, 2, 4, 8, 16, 32} ×
+# ℓ {25, 50, 100, 200} at ρ = 1, same lr, snapshots and data seed as stage 1, stopping once memorised
+# (every answer token p > 0.5, confirmed by the decoder). fitlaw --at-step T carries a run that stopped
+# memorised before T forward at its final values. Ranks 1, 4, 16 at ℓ = 100 are stage 1's runs.
+law_grid() {  # $1: training seed
+  local L
+  for L in 25 50 100 200; do
+    local ranks=1,2,4,8,16,32
+    [ "$L" = 100 ] && ranks=2,8,32
+    $PY train.py --task longctx --noise 1.0 --length "$L" --ranks $ranks --seed "$1" --data-seed 0 \
+      --schedule constant --steps 2000 --snapshots $SNAPS --stop-when-memorized --save-every 100 --out $OUT
+  done
+}
+
+chain() { budget_curve "$1" && law_grid "$1"; }
+chain 0 > $OUT/chain1.log 2>&1 &
+chain 1 > $OUT/chain2.log 2>&1
 wait

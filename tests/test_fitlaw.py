@@ -450,3 +450,16 @@ def test_at_step_takes_each_runs_snapshot(tmp_path):
     assert at100[0]["delta_loss"] == pytest.approx(law(1, 50, *truth[100]))
     fit = fitlaw.fit_law([r["rank"] for r in at100], [r["length"] for r in at100], [r["delta_loss"] for r in at100])
     assert [fit[k] for k in ("C", "alpha", "beta", "b")] == pytest.approx(truth[100], rel=1e-4, abs=1e-6)
+
+
+def test_at_step_carries_a_run_memorised_earlier_forward():
+    """A run stopped memorised at step 200 has no snapshot at 300: it enters at its final values. A run
+    stopped at 200 for a plateau, or one memorised only at 400, does not."""
+    base = dict(model="m", task="longctx", rank=1, length=25, snapshots=[dict(step=100, delta_loss=1.0)])
+    runs = [dict(base, delta_loss=5.0, stop_reason="memorized", stopped_at=200),
+            dict(base, delta_loss=4.0, stop_reason="plateau", stopped_at=200),
+            dict(base, delta_loss=3.0, stop_reason="memorized", stopped_at=400)]
+    out, missing = fitlaw.at_step(runs, 300)
+    assert missing == 2 and len(out) == 1 and out[0]["delta_loss"] == 5.0 and out[0]["budget"] == 300
+    out, missing = fitlaw.at_step(runs, 100)
+    assert missing == 0 and [r["delta_loss"] for r in out] == [1.0, 1.0, 1.0]
