@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from fitlaw import fit_law, law, mape, plot_grid, r_squared, replicate_means, spearman  # noqa: E402
 
+import convergence  # noqa: E402  (docs/convergence.py: the convergence study's block)
+
 DOC = ROOT / "docs" / "REPRODUCTION.md"
 LAW_RANKS, LAW_LENGTHS = (1, 2, 4, 8, 16, 32), (50, 100, 200, 400, 800)  # study 1: the full grid, rho = 1
 DENSITY_RANKS, DENSITY_LENGTHS = (1, 4, 16), (25, 50, 100)  # study 2: the small grid, each rho
@@ -25,6 +27,13 @@ MEMFT_RANKS = (1, 2, 4, 8, 16)  # study 4
 VOCAB = 49152  # the built-in model's vocabulary; ln V is the loss of a uniform guess over it
 SPLITS = 5  # random 20% hold-out splits used to show how well the law's exponents are determined
 BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
+CONV_BEGIN, CONV_END = "<!-- convergence:begin -->", "<!-- convergence:end -->"
+
+
+def replace_block(text: str, begin: str, end: str, lines: list[str]) -> str:
+    """text with the part between the markers `begin` and `end` replaced by `lines`."""
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1]
 
 
 def load(results: Path) -> list[dict]:
@@ -336,11 +345,11 @@ def main(results: Path) -> None:
     total = sum(r.get("wall_s", r["time_s"]) for r in every)
     out += [f"{len(every)} runs, {total / 3600:.2f} h of wall time in all.", ""]
 
-    text = DOC.read_text() if DOC.exists() else f"{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    DOC.write_text(head + BEGIN + "\n" + "\n".join(out) + "\n" + END + tail)
-    print(f"wrote {DOC} and figures in docs/ from {len(every)} runs")
+    text = DOC.read_text() if DOC.exists() else f"{CONV_BEGIN}\n{CONV_END}\n{BEGIN}\n{END}\n"
+    text = replace_block(text, BEGIN, END, out)
+    text = replace_block(text, CONV_BEGIN, CONV_END, convergence.report(results / "convergence", ROOT / "docs"))
+    DOC.write_text(text)
+    print(f"wrote {DOC} and figures in docs/ from {len(every)} runs and {results / 'convergence'}")
 
 
 if __name__ == "__main__":

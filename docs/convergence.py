@@ -1,0 +1,301 @@
+"""The convergence study's tables and figures, from results/convergence/*.json (docs/reproduce.sh).
+
+    python docs/report.py        # calls report() below and writes its block into docs/REPRODUCTION.md
+
+Stage 1, the budget curve: ranks {1, 4, 16} at ℓ = 100 (ρ = 1), 2000 steps at a constant lr with
+snapshots, two training seeds on one data seed. Stage 2, the law grid: ranks {1, 2, 4, 8, 16, 32} ×
+ℓ {25, 50, 100, 200}, the same settings, stopping once memorised. Every number here is computed from
+those files; the only typed-in numbers are the paper's, labelled as such.
+"""
+
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from fitlaw import at_step, bootstrap, fit_law, lack_of_fit, saturated  # noqa: E402
+
+VOCAB = 49152  # the built-in model's vocabulary
+BUDGET_RANKS, BUDGET_LENGTH = (1, 4, 16), 100
+GRID_RANKS, GRID_LENGTHS = (1, 2, 4, 8, 16, 32), (25, 50, 100, 200)
+N_BOOT = 500  # bootstrap resamples for the exponents' intervals
+SUMMARY_KEYS = ("name", "task", "noise", "length", "rank", "params", "method", "seed", "data_seed", "steps",
+                "stop_reason", "loss_init", "loss_final", "delta_loss", "token_acc", "exact_match", "stubborn",
+                "earliest_stubborn", "first_failure", "wall_s")
+
+
+def load(folder: Path) -> list[dict]:
+    """Every results file in `folder` (not its run subfolders), each with its file name as _file."""
+    runs = []
+    for f in sorted(folder.glob("*.json")):
+        run = json.loads(f.read_text())
+        run["_file"] = f.name
+        runs.append(run)
+    return runs
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    fmt = lambda v: "–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
+
+
+def grid_runs(runs: list[dict]) -> list[dict]:
+    """The law grid: SFT on random text (ρ = 1), constant lr, 2000-step budget, data seed 0."""
+    return [r for r in runs if r["task"] == "longctx" and r["noise"] == 1.0 and r["method"] == "sft"
+            and r.get("schedule") == "constant" and r.get("budget") == 2000 and r.get("data_seed") == 0
+            and r["rank"] in GRID_RANKS and r["length"] in GRID_LENGTHS]
+
+
+def snapshot_steps(runs: list[dict]) -> list[int]:
+    return sorted({s["step"] for r in runs for s in r.get("snapshots") or []})
+
+
+def by_seed(runs: list[dict], rank: int, length: int) -> list[dict]:
+    return sorted((r for r in runs if r["rank"] == rank and r["length"] == length), key=lambda r: r["seed"])
+
+
+def stable_from(steps: list[int], per_seed: np.ndarray, rel: float = 1e-3) -> int | None:
+    """The first snapshot T from which ΔL stops moving: for every later pair of snapshots, the change in
+    the seed-mean ΔL is below the seed spread at T (max − min over seeds), or below `rel` of ΔL (a
+    memorised run only creeps). per_seed: (seeds, snapshots). None when it never settles."""
+    mean, spread = per_seed.mean(0), per_seed.max(0) - per_seed.min(0)
+    for i in range(len(steps)):
+        moves = np.abs(np.diff(mean[i:]))
+        if np.all((moves < spread[i]) | (moves < rel * np.abs(mean[i + 1:]))):
+            return steps[i]
+    return None
+
+
+def budget_curve(runs: list[dict], figures: Path) -> list[str]:
+    """Stage 1: ΔL at every snapshot for ranks {1, 4, 16} at ℓ = 100, per seed, and where it settles."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stage = [r for r in grid_runs(runs) if r["length"] == BUDGET_LENGTH and r["rank"] in BUDGET_RANKS
+             and r.get("stop_reason") == "budget"]
+    if not stage:
+        return []
+    steps = snapshot_steps(stage)
+    rows, settled = [], []
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, rank in enumerate(BUDGET_RANKS):
+        seeds = by_seed(stage, rank, BUDGET_LENGTH)
+        if not seeds:
+            continue
+        dl = np.array([[next(s["delta_loss"] for s in r["snapshots"] if s["step"] == t) for t in steps]
+                       for r in seeds])  # (seeds, snapshots)
+        acc = np.array([[next(s["token_acc"] for s in r["snapshots"] if s["step"] == t) for t in steps]
+                        for r in seeds])
+        for j, r in enumerate(seeds):
+            ax0.plot(steps, dl[j], color=f"C{i}", ls="-" if j == 0 else "--", marker=".",
+                     label=f"r={rank}" if j == 0 else None)
+            ax1.plot(steps, acc[j], color=f"C{i}", ls="-" if j == 0 else "--", marker=".")
+        rows.append([f"r={rank} ΔL"] + [f"{m:.2f} ± {s / 2:.2f}" for m, s in zip(dl.mean(0), np.ptp(dl, 0))])
+        rows.append([f"r={rank} token acc"] + [f"{m:.2f}" for m in acc.mean(0)])
+        settled.append(f"rank {rank}: " + (f"from T = {t}" if (t := stable_from(steps, dl)) else
+                                           f"not by T = {steps[-1]} (ΔL still moves by more than the seed "
+                                           f"spread: {dl.mean(0)[-2]:.2f} → {dl.mean(0)[-1]:.2f}, spread "
+                                           f"{np.ptp(dl, 0)[-1]:.2f})"))
+    loss_init = float(np.mean([r["loss_init"] for r in stage]))
+    for ax, label in ((ax0, "ΔL (nats per token)"), (ax1, "token accuracy")):
+        ax.set(xscale="log", xlabel="step T (constant lr 1e-2)", ylabel=label)
+    ax0.axhline(loss_init, color="k", ls=":", lw=0.8, label="L_init")
+    ax0.legend(fontsize=8)
+    fig.suptitle(f"ΔL and token accuracy against budget, ℓ = {BUDGET_LENGTH}, ρ = 1 (solid: seed 0, dashed: seed 1)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(figures / "budget_curve.png", dpi=100)
+    plt.close(fig)
+    n_seeds = len({r["seed"] for r in stage})
+    return ["### Stage 1: the budget curve", "",
+            f"Ranks {{{', '.join(map(str, BUDGET_RANKS))}}} at ℓ = {BUDGET_LENGTH} on random ids (ρ = 1), lr 1e-2 "
+            f"held constant for 2000 steps, {n_seeds} training seeds on one data seed. A snapshot at step T "
+            "equals a run of budget T (tested bit for bit). Cells: mean ± half the range over the seeds.", "",
+            table(["", *[f"T={t}" for t in steps]], rows), "",
+            "Where ΔL settles (every later change of the seed mean below the seed spread, or below 0.1% of ΔL): "
+            + "; ".join(settled) + f". L_init = {loss_init:.2f} nats.", "",
+            "![budget curve](budget_curve.png)", ""]
+
+
+def law_at(runs: list[dict], step: int, drop_saturated: bool = False) -> dict | None:
+    """The law fitted to the grid as it stood at step T (fitlaw.at_step), with bootstrap intervals and
+    the lack-of-fit test; None when the points cannot determine it (the reason is in 'error')."""
+    at, missing = at_step(runs, step)
+    if drop_saturated:
+        bad = {(r["rank"], r["length"]) for r in at if saturated(r)}
+        at = [r for r in at if (r["rank"], r["length"]) not in bad]
+    r, l, d = (np.array([x[k] for x in at], float) for k in ("rank", "length", "delta_loss"))
+    out = dict(step=step, runs=len(at), points=len({(x["rank"], x["length"]) for x in at}), missing=missing)
+    try:
+        fit = fit_law(r, l, d)
+    except ValueError as e:
+        return out | dict(error=str(e))
+    return out | fit | bootstrap(r, l, d, fit, N_BOOT) | lack_of_fit(r, l, d, fit)
+
+
+def ci(f: dict, k: str) -> str:
+    lo_hi = (f.get("ci95") or {}).get(k)
+    return f"{f[k]:.3g}" + (f" [{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]" if lo_hi else "")
+
+
+def law_rows(fits: list[dict]) -> list[list]:
+    rows = []
+    for f in fits:
+        if "error" in f:
+            rows.append([f["step"], f["runs"], f["points"], "undetermined: " + f["error"][:90]] + [None] * 6)
+            continue
+        lof = "–" if f.get("lof_F") is None else f"F({f['lof_df'][0]}, {f['lof_df'][1]}) = {f['lof_F']:.2f}, " \
+                                                  f"p = {f['lof_p']:.2g}"
+        rows.append([f["step"], f["runs"], f["points"], ci(f, "C"), ci(f, "alpha"), ci(f, "beta"), ci(f, "b"),
+                     f["r2"], f["mape"], lof])
+    return rows
+
+
+def law_by_budget(runs: list[dict], figures: Path) -> list[str]:
+    """Stage 2: the law at every snapshot budget, with and without saturated points; α(T) and β(T)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = grid_runs(runs)
+    if len({r["rank"] for r in grid}) < 2 or len({r["length"] for r in grid}) < 2:
+        return []
+    steps = snapshot_steps(grid)
+    every = [law_at(grid, t) for t in steps]
+    unsaturated = [law_at(grid, t, drop_saturated=True) for t in steps]
+    header = ["T", "runs", "points", "C [95% CI]", "α", "β", "b", "R²", "MAPE %", "lack of fit vs seed spread"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, k, name in ((axes[0], "alpha", "α (rank exponent)"), (axes[1], "beta", "β (length exponent)")):
+        for fits, label, c in ((every, "all points", "C0"), (unsaturated, "saturated points dropped", "C1")):
+            ok = [f for f in fits if "error" not in f]
+            if not ok:
+                continue
+            ts = np.array([f["step"] for f in ok])
+            v = np.array([f[k] for f in ok])
+            lo = np.array([(f.get("ci95") or {}).get(k, [np.nan, np.nan])[0] for f in ok])
+            hi = np.array([(f.get("ci95") or {}).get(k, [np.nan, np.nan])[1] for f in ok])
+            ax.errorbar(ts, v, yerr=[v - lo, hi - v], color=c, marker="o", capsize=3, label=label)
+        ax.set(xscale="log", xlabel="budget T (steps)", ylabel=name)
+        ax.legend(fontsize=8)
+    fig.suptitle("The law's exponents against budget, ranks 1–32 × ℓ 25–200, ρ = 1 (95% bootstrap intervals)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(figures / "exponents_vs_budget.png", dpi=100)
+    plt.close(fig)
+    seeds = sorted({r["seed"] for r in grid})
+    points = {(r["rank"], r["length"]) for r in grid}
+    return ["### Stage 2: the law at each budget", "",
+            f"{len(grid)} runs at {len(points)} of the {len(GRID_RANKS) * len(GRID_LENGTHS)} grid points "
+            f"(ranks {{{', '.join(map(str, GRID_RANKS))}}} × ℓ {{{', '.join(map(str, GRID_LENGTHS))}}}), training "
+            f"seeds {seeds}, data seed 0. Each row fits ΔL = C·r^α·ℓ^(−β) + b to the mean ΔL per point as the runs "
+            "stood at step T (a run memorised earlier enters with its final values). Intervals: percentile "
+            f"bootstrap over points ({N_BOOT} resamples). Lack of fit: F test of the misfit against the "
+            "seed-to-seed spread at replicated points.", "",
+            "All points:", "", table(header, law_rows(every)), "",
+            "Saturated points dropped (a point where some run is memorised or has ΔL ≥ 0.95·L_init: there ΔL "
+            "measures L_init, not what the adapter can hold):", "", table(header, law_rows(unsaturated)), "",
+            "![exponents against budget](exponents_vs_budget.png)", ""]
+
+
+def heatmaps(runs: list[dict], figures: Path) -> list[str]:
+    """Final loss and token accuracy over (rank, ℓ), seed means (the paper's Figure-style heatmaps)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = grid_runs(runs)
+    if not grid:
+        return []
+    ranks = sorted({r["rank"] for r in grid})
+    lengths = sorted({r["length"] for r in grid})
+    mean = lambda k, r, L: (np.mean([x[k] for x in by_seed(grid, r, L)])  # noqa: E731
+                            if by_seed(grid, r, L) else np.nan)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    rows = []
+    for ax, k, title in ((axes[0], "loss_final", "final loss (nats/token)"), (axes[1], "token_acc", "token accuracy")):
+        m = np.array([[mean(k, r, L) for r in ranks] for L in lengths])  # (lengths, ranks)
+        im = ax.imshow(m, origin="lower", cmap="viridis_r" if k == "loss_final" else "viridis", aspect="auto")
+        for i in range(len(lengths)):
+            for j in range(len(ranks)):
+                if np.isfinite(m[i, j]):
+                    rgb = im.cmap(im.norm(m[i, j]))[:3]
+                    dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8, color="w" if dark else "k")
+        ax.set(xticks=range(len(ranks)), xticklabels=ranks, yticks=range(len(lengths)), yticklabels=lengths,
+               xlabel="rank", ylabel="ℓ", title=title)
+        fig.colorbar(im, ax=ax)
+    for L in lengths:
+        cells = []
+        for r in ranks:
+            s = by_seed(grid, r, L)
+            cells.append(None if not s else f"{np.mean([x['token_acc'] for x in s]):.2f} / "
+                         f"{sum(x['exact_match'] == 1.0 for x in s)} of {len(s)}")
+        rows.append([L] + cells)
+    fig.suptitle("After 2000 steps or once memorised, ρ = 1 (mean over training seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(figures / "heatmaps.png", dpi=100)
+    plt.close(fig)
+    return ["### Token accuracy and exact recall over (rank, ℓ)", "",
+            "Each cell: mean token accuracy / runs recalled exactly by the decoder, after 2000 steps or once "
+            "memorised.", "", table(["ℓ"] + [f"r={r}" for r in ranks], rows), "", "![heatmaps](heatmaps.png)", ""]
+
+
+def capacity(runs: list[dict]) -> list[str]:
+    """Per rank: the longest ℓ recalled exactly by every seed, the shortest not, and two bit counts.
+
+    bits/param = ℓ·log₂V / params counts every stored id as log₂V bits, the most a random id can carry.
+    Morris et al.'s measure ℓ·(ln V − L_final)/ln 2 credits only the loss below a uniform guess."""
+    grid = grid_runs(runs)
+    rows = []
+    for rank in sorted({r["rank"] for r in grid}):
+        at = [r for r in grid if r["rank"] == rank]
+        params = at[0]["params"]
+        held = [L for L in GRID_LENGTHS if by_seed(at, rank, L) and all(x["exact_match"] == 1.0 for x in by_seed(at, rank, L))]
+        lost = [L for L in GRID_LENGTHS if by_seed(at, rank, L) and not all(x["exact_match"] == 1.0
+                                                                           for x in by_seed(at, rank, L))]
+        best = max(held) if held else None
+        morris = max(r["length"] * max(0.0, math.log(VOCAB) - r["loss_final"]) / math.log(2) for r in at) / params
+        rows.append([rank, params, best, min(lost) if lost else None,
+                     None if best is None else best * math.log2(VOCAB) / params, morris])
+    if not rows:
+        return []
+    return ["### Capacity", "",
+            "Per rank: the longest ℓ of the grid that every training seed recalls exactly, the shortest that "
+            "some seed does not, the bits per parameter that the longest held answer amounts to "
+            f"(ℓ·log₂V / params, V = {VOCAB}), and the most bits per parameter by Morris et al.'s measure "
+            "ℓ·(ln V − L_final)/ln 2 over the rank's runs. The grid's lengths are a factor of 2 apart, so the "
+            "capacity lies between the two ℓ columns; bisection narrows it. Published: ≈ 2 bits per "
+            "parameter (Allen-Zhu and Li) and 3.6 (Morris et al.), both for whole models.", "",
+            table(["rank", "params", "longest ℓ held", "shortest ℓ lost", "bits/param (ℓ·log₂V)",
+                   "bits/param (Morris)"], rows), ""]
+
+
+def summary_csv(runs: list[dict]) -> str:
+    """One row per run: the compact record beside the full per-step files."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SUMMARY_KEYS)
+    for r in sorted(runs, key=lambda r: (r["task"], r["noise"], r["length"], r["rank"], r["method"], r["seed"])):
+        w.writerow(["" if r.get(k) is None else (round(r[k], 6) if isinstance(r[k], float) else r[k])
+                    for k in SUMMARY_KEYS])
+    return buf.getvalue()
+
+
+def report(folder: Path, figures: Path) -> list[str]:
+    """The generated block's lines; also writes the figures and folder/summary.csv."""
+    runs = load(folder)
+    if not runs:
+        return ["No convergence runs yet: `bash docs/reproduce.sh` writes them into results/convergence/.", ""]
+    (folder / "summary.csv").write_text(summary_csv(runs))
+    hours = sum(r.get("wall_s", r.get("time_s", 0.0)) for r in runs) / 3600
+    return (budget_curve(runs, figures) + law_by_budget(runs, figures) + heatmaps(runs, figures) + capacity(runs)
+            + [f"{len(runs)} runs, {hours:.1f} h of summed wall time (one thread each, two chains side by side); "
+               f"one row per run in results/convergence/summary.csv.", ""])
