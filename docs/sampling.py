@@ -1,0 +1,101 @@
+"""Recall under sampling, for the memorised adapters of the convergence study (issue: the paper's open
+limitation). Greedy recall is certain once every answer token has p > 0.5; sampled recall is not.
+
+    python docs/sampling.py                 # every memorised run in results/convergence/, K = 100 on seed 0
+    python docs/sampling.py --k 400 --temperatures 0.5,0.7,1.0 --sample-seeds 0,1
+
+For each memorised adapter and temperature T it draws K sampled decodes of the answer (full softmax,
+no top-p) and counts those that reproduce it exactly, next to Π_t softmax(z_t / T)[target_t], the
+teacher-forced probability of the whole answer. The two must agree: sampling the answer token by token
+has exactly that probability. That agreement is an identity, a check of the sampler, not evidence
+about memory; the evidence is how small Π p becomes for answers that greedy decoding recalls
+perfectly. Writes results/convergence/sampling.json (atomically), read by docs/report.py.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from data import load_tokenizer, make_task  # noqa: E402
+from eval import sampled_recall  # noqa: E402
+from lora import load_adapter  # noqa: E402
+from model import load_model  # noqa: E402
+
+OUT = ROOT / "results" / "convergence" / "sampling.json"
+
+
+@torch.no_grad()
+def answer_log_prob(model, prompt: list[int], answer: list[int], temperature: float) -> float:
+    """log Π_t softmax(z_t / T)[answer_t], teacher-forced: the probability that sampling at T
+    reproduces the answer exactly."""
+    ids = torch.tensor([prompt + answer[:-1]])  # (1, P + A - 1): the answer's last token is only predicted
+    logits = model(ids)[0, len(prompt) - 1:].float()  # (A, V): the logits that predict each answer token
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return float(logp.gather(1, torch.tensor(answer)[:, None]).sum())
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion."""
+    p = hits / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def measure(run: dict, adapter: Path, k: int, temperatures: list[float]) -> list[dict]:
+    """One memorised run: per temperature, predicted and (k > 0) sampled exact recall of its answers."""
+    tok = load_tokenizer(run["model"])
+    model = load_model(run["model"])
+    task = make_task(tok, run["task"], run["length"], run.get("noise"), run.get("data_seed", run["seed"]),
+                     run.get("data"), run.get("text"), run.get("n_samples", 100))
+    load_adapter(model, adapter)
+    model.eval()
+    rows = []
+    for t in temperatures:
+        for e in task.train:
+            pred = math.exp(answer_log_prob(model, e.prompt, e.answer, t))
+            rate, ci = None, None
+            if k:
+                [rate] = sampled_recall(model, [e], k, t, 1.0, seed=0)
+                ci = wilson(round(rate * k), k)
+            rows.append(dict(name=run["name"], rank=run["rank"], length=run["length"], seed=run["seed"], example=e.id,
+                             temperature=t, k=k, predicted=pred, sampled=rate, ci95=ci))
+            print(f"{run['name']} T={t}: predicted {pred:.4f}" + ("" if rate is None else
+                  f", sampled {rate:.4f} [{ci[0]:.3f}, {ci[1]:.3f}] (K={k})"), flush=True)
+    return rows
+
+
+def main(k: int, temperatures: list[float], folder: Path, sample_seeds: set[int]) -> None:
+    done = json.loads(OUT.read_text()) if OUT.exists() else dict(rows=[])
+    have = {(r["name"], r["temperature"], r["k"]) for r in done["rows"]}
+    for f in sorted(folder.glob("*.json")):
+        run = json.loads(f.read_text())
+        if not isinstance(run, dict) or run.get("exact_match") != 1.0 or run.get("task") != "longctx":
+            continue
+        kk = k if run["seed"] in sample_seeds else 0
+        want = [t for t in temperatures if (run["name"], t, kk) not in have]
+        if want:
+            done["rows"] += measure(run, folder / run["name"], kk, want)
+            tmp = OUT.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=1))
+            os.replace(tmp, OUT)  # resumable: each finished run is kept
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--k", type=int, default=100, help="sampled decodes per answer and temperature (default 100)")
+    ap.add_argument("--sample-seeds", default="0",
+                    help="training seeds whose runs are also sampled (default 0); every memorised run gets Π p")
+    ap.add_argument("--temperatures", default="0.5,0.7,1.0", help="comma list (default 0.5,0.7,1.0)")
+    ap.add_argument("--results", default=str(ROOT / "results" / "convergence"))
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    main(a.k, [float(x) for x in a.temperatures.split(",")], Path(a.results),
+         {int(x) for x in a.sample_seeds.split(",") if x})
