@@ -1,4 +1,4 @@
-"""Recall under sampling, for the memorised adapters of the convergence study (issue: the paper's open
+"""Recall under sampling, for the memorised adapters of the convergence study (the paper's open
 limitation). Greedy recall is certain once every answer token has p > 0.5; sampled recall is not.
 
     python docs/sampling.py                 # every memorised run in results/convergence/, K = 100 on seed 0
