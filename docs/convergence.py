@@ -248,6 +248,59 @@ def heatmaps(runs: list[dict], figures: Path) -> list[str]:
             "memorised.", "", table(["ℓ"] + [f"r={r}" for r in ranks], rows), "", "![heatmaps](heatmaps.png)", ""]
 
 
+def steps_to_recall(run: dict) -> tuple[int | None, bool]:
+    """(steps until the run recalled its answer exactly, whether that is exact): the stop step of a run
+    stopped once memorised (checked every 10 steps, and at once after a training pass that saw every
+    answer exact), else the first snapshot with exact match 1 (an
+    upper bound), else None."""
+    if run.get("stop_reason") == "memorized":
+        return run["stopped_at"], True
+    return next((s["step"] for s in run.get("snapshots") or [] if s["exact_match"] == 1.0), None), False
+
+
+def write_speed(runs: list[dict]) -> list[str]:
+    """Steps to exact recall over (rank, ℓ), and a power law steps = K·r^(−a)·ℓ^c fitted to them."""
+    grid = grid_runs(runs)
+    ranks = sorted({r["rank"] for r in grid})
+    rows, pts = [], []
+    for L in sorted({r["length"] for r in grid}):
+        cells = []
+        for rank in ranks:
+            s = by_seed(grid, rank, L)
+            got = [steps_to_recall(x) for x in s]
+            if not s:
+                cells.append(None)
+            elif all(t is not None for t, _ in got):
+                cells.append(" / ".join(("" if exact else "≤") + str(t) for t, exact in got))
+                pts += [(rank, L, t) for t, exact in got if exact]
+            else:
+                cells.append(f"> {max(x['steps'] for x in s)}" if not any(t for t, _ in got) else
+                             " / ".join("–" if t is None else str(t) for t, _ in got))
+        rows.append([L] + cells)
+    if not rows:
+        return []
+    out = ["### Steps to exact recall", "",
+           "Per (rank, ℓ): the step at which each training seed's run first recalled its answer exactly by the "
+           "decoder (checked every 10 steps and after any training pass that saw every token right; ≤: a run without the stop, read from its snapshots; > T: not within "
+           "the budget). At convergence the law's ΔL saturates at L_init (table above), so the time to memorise "
+           "is where rank and length still show.", "", table(["ℓ"] + [f"r={r}" for r in ranks], rows), ""]
+    if len({p[0] for p in pts}) >= 2 and len({p[1] for p in pts}) >= 2:
+        r, L, t = (np.array(c, float) for c in zip(*pts))
+        X = np.column_stack([np.ones_like(r), np.log(r), np.log(L)])
+        coef, *_ = np.linalg.lstsq(X, np.log(t), rcond=None)
+        resid = np.log(t) - X @ coef
+        out += [f"A least-squares fit of log steps over the {len(pts)} memorised runs: steps ≈ "
+                f"{math.exp(coef[0]):.3g}·r^{coef[1]:.2f}·ℓ^{coef[2]:.2f} (residual sd {resid.std(ddof=3):.2f} in "
+                "log steps). Runs that never recalled within the budget are left out, so the fit describes only "
+                "the points the budget could reach.", ""]
+    elif pts:
+        r, t = (np.array(c, float) for c in zip(*[(p[0], p[2]) for p in pts]))
+        if len(set(r)) >= 2:
+            a, c = np.polyfit(np.log(r), np.log(t), 1)
+            out += [f"At one length so far: steps ≈ {math.exp(c):.3g}·r^{a:.2f} over {len(pts)} memorised runs.", ""]
+    return out
+
+
 def capacity(runs: list[dict]) -> list[str]:
     """Per rank: the longest ℓ recalled exactly by every seed, the shortest not, and two bit counts.
 
@@ -331,6 +384,6 @@ def report(folder: Path, figures: Path) -> list[str]:
         return ["No convergence runs yet: `bash docs/reproduce.sh` writes them into results/convergence/.", ""]
     (folder / "summary.csv").write_text(summary_csv(runs))
     hours = sum(r.get("wall_s", r.get("time_s", 0.0)) for r in runs) / 3600
-    return (budget_curve(runs, figures) + law_by_budget(runs, figures) + heatmaps(runs, figures) + capacity(runs) + sampling(folder)
+    return (budget_curve(runs, figures) + law_by_budget(runs, figures) + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + sampling(folder)
             + [f"{len(runs)} runs, {hours:.1f} h of summed wall time (one thread each, two chains side by side); "
                f"one row per run in results/convergence/summary.csv.", ""])
