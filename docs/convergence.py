@@ -46,11 +46,12 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
 
 
-def grid_runs(runs: list[dict]) -> list[dict]:
-    """The law grid: SFT on random text (ρ = 1), constant lr, 2000-step budget, data seed 0."""
+def grid_runs(runs: list[dict], lengths: tuple | None = GRID_LENGTHS) -> list[dict]:
+    """The law grid: SFT on random text (ρ = 1), constant lr, 2000-step budget, data seed 0 (lengths
+    None: also the lengths that docs/capacity.py probed)."""
     return [r for r in runs if r["task"] == "longctx" and r["noise"] == 1.0 and r["method"] == "sft"
             and r.get("schedule") == "constant" and r.get("budget") == 2000 and r.get("data_seed") == 0
-            and r["rank"] in GRID_RANKS and r["length"] in GRID_LENGTHS]
+            and r["rank"] in GRID_RANKS and (lengths is None or r["length"] in lengths)]
 
 
 def snapshot_steps(runs: list[dict]) -> list[int]:
@@ -306,28 +307,30 @@ def capacity(runs: list[dict]) -> list[str]:
 
     bits/param = ℓ·log₂V / params counts every stored id as log₂V bits, the most a random id can carry.
     Morris et al.'s measure ℓ·(ln V − L_final)/ln 2 credits only the loss below a uniform guess."""
-    grid = grid_runs(runs)
+    grid = grid_runs(runs, lengths=None)  # the grid and docs/capacity.py's probes
     rows = []
     for rank in sorted({r["rank"] for r in grid}):
         at = [r for r in grid if r["rank"] == rank]
-        params = at[0]["params"]
-        held = [L for L in GRID_LENGTHS if by_seed(at, rank, L) and all(x["exact_match"] == 1.0 for x in by_seed(at, rank, L))]
-        lost = [L for L in GRID_LENGTHS if by_seed(at, rank, L) and not all(x["exact_match"] == 1.0
-                                                                           for x in by_seed(at, rank, L))]
+        lengths = sorted({r["length"] for r in at})
+        verdict = {L: all(x["exact_match"] == 1.0 for x in by_seed(at, rank, L)) for L in lengths}
+        held = [L for L in lengths if verdict[L]]
+        lost = [L for L in lengths if not verdict[L]]
         best = max(held) if held else None
-        morris = max(r["length"] * max(0.0, math.log(VOCAB) - r["loss_final"]) / math.log(2) for r in at) / params
-        rows.append([rank, params, best, min(lost) if lost else None,
-                     None if best is None else best * math.log2(VOCAB) / params, morris])
+        morris = max(r["length"] * max(0.0, math.log(VOCAB) - r["loss_final"]) / math.log(2) for r in at)
+        seeds = sorted({r["seed"] for r in at})
+        rows.append([rank, at[0]["params"], len(seeds), best, min(lost) if lost else None,
+                     None if best is None else best * math.log2(VOCAB) / at[0]["params"], morris / at[0]["params"]])
     if not rows:
         return []
     return ["### Capacity", "",
-            "Per rank: the longest ℓ of the grid that every training seed recalls exactly, the shortest that "
-            "some seed does not, the bits per parameter that the longest held answer amounts to "
-            f"(ℓ·log₂V / params, V = {VOCAB}), and the most bits per parameter by Morris et al.'s measure "
-            "ℓ·(ln V − L_final)/ln 2 over the rank's runs. The grid's lengths are a factor of 2 apart, so the "
-            "capacity lies between the two ℓ columns; bisection narrows it. Published: ≈ 2 bits per "
-            "parameter (Allen-Zhu and Li) and 3.6 (Morris et al.), both for whole models.", "",
-            table(["rank", "params", "longest ℓ held", "shortest ℓ lost", "bits/param (ℓ·log₂V)",
+            "Per rank: the longest ℓ that every training seed recalls exactly within the budget (2000 steps, "
+            "or once memorised), the shortest that some seed does not, the bits per parameter that the longest "
+            f"held answer amounts to (ℓ·log₂V / params, V = {VOCAB}: each random id carries log₂V bits), and the "
+            "most bits per parameter by Morris et al.'s measure ℓ·(ln V − L_final)/ln 2 over the rank's runs, "
+            "which credits partly learned answers too. Where the two lengths are far apart, "
+            "`python docs/capacity.py --rank R` narrows them. Published, for whole models trained to "
+            "convergence: ≈ 2 bits per parameter (Allen-Zhu and Li) and 3.6 (Morris et al.).", "",
+            table(["rank", "params", "seeds", "longest ℓ held", "shortest ℓ lost", "bits/param (ℓ·log₂V)",
                    "bits/param (Morris)"], rows), ""]
 
 

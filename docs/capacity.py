@@ -1,0 +1,73 @@
+"""Capacity by bisection: the longest answer ℓ (random ids, ρ = 1) that a rank recalls exactly within the
+convergence study's budget (2000 steps at a constant lr 1e-2, stopping once memorised).
+
+    python docs/capacity.py --rank 1                # bisect between the grid's longest held and shortest lost ℓ
+    python docs/capacity.py --rank 1,2,4 --seeds 0,1 --tolerance 0.1
+
+A length counts as held when the run of every training seed recalls its answer exactly by the decoder.
+The bounds start from the runs already in results/convergence/ (the law grid) and each new length is
+the geometric midpoint of the bounds, rounded; bisection stops when hi / lo − 1 ≤ tolerance or hi − lo
+≤ 1. Every probe is an ordinary train.py run in results/convergence/, so rerunning resumes: finished
+runs are reused and a killed one continues from its checkpoint.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "results" / "convergence"
+SETTINGS = ["--task", "longctx", "--noise", "1.0", "--data-seed", "0", "--schedule", "constant", "--steps", "2000",
+            "--snapshots", "50,100,200,300,500,700,1000,1500,2000", "--stop-when-memorized", "--save-every", "100"]
+
+
+def held(rank: int, length: int, seeds: list[int]) -> bool | None:
+    """Whether every seed's run at (rank, length) recalled exactly; None when some run is missing."""
+    runs = []
+    for f in OUT.glob(f"longctx-n1-L{length}-r{rank}-sft-const-s*.json"):
+        run = json.loads(f.read_text())
+        if run.get("data_seed") == 0 and run.get("budget") == 2000 and run["seed"] in seeds:
+            runs.append(run)
+    if len({r["seed"] for r in runs}) < len(seeds):
+        return None
+    return all(r["exact_match"] == 1.0 for r in runs)
+
+
+def bounds(rank: int, seeds: list[int]) -> tuple[int | None, int | None]:
+    """(longest ℓ held, shortest ℓ lost) among the finished runs of this rank."""
+    lengths = sorted({int(f.name.split("-L")[1].split("-")[0]) for f in OUT.glob(f"longctx-n1-L*-r{rank}-sft-const-*.json")})
+    verdicts = {L: held(rank, L, seeds) for L in lengths}
+    lo = max((L for L, v in verdicts.items() if v), default=None)
+    hi = min((L for L, v in verdicts.items() if v is False), default=None)
+    return lo, hi
+
+
+def bisect(rank: int, seeds: list[int], tolerance: float, python: str) -> tuple[int, int]:
+    while True:
+        lo, hi = bounds(rank, seeds)
+        if lo is None or hi is None:
+            sys.exit(f"error: rank {rank} needs a held and a lost length in {OUT} first (run the law grid: "
+                     "bash docs/reproduce.sh)")
+        if hi / lo - 1 <= tolerance or hi - lo <= 1:
+            print(f"rank {rank}: capacity between ℓ = {lo} (held) and ℓ = {hi} (lost)", flush=True)
+            return lo, hi
+        mid = min(hi - 1, max(lo + 1, round(math.sqrt(lo * hi))))
+        print(f"rank {rank}: held {lo}, lost {hi}; trying ℓ = {mid}", flush=True)
+        cmd = [python, str(ROOT / "train.py"), *SETTINGS, "--length", str(mid), "--rank", str(rank),
+               "--seeds", ",".join(map(str, seeds)), "--out", str(OUT)]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rank", required=True, help="comma list of ranks, bisected one after another")
+    ap.add_argument("--seeds", default="0,1", help="training seeds that must all recall (default 0,1)")
+    ap.add_argument("--tolerance", type=float, default=0.1, help="stop when hi/lo − 1 ≤ this (default 0.1)")
+    ap.add_argument("--python", default=sys.executable, help="the interpreter that runs train.py")
+    a = ap.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    for r in (int(x) for x in a.rank.split(",")):
+        bisect(r, seeds, a.tolerance, a.python)
