@@ -1,7 +1,8 @@
 """Write facts into a LoRA adapter and measure how well it remembers them: the main job.
 
     python train.py                                    # small PhoneBook run on the built-in model
-    python train.py --data myfacts.jsonl --stop-when-memorized --merge-to merged/   # your own facts
+    python train.py --data myfacts.jsonl --until-recalled --merge-to merged/   # your own facts, certified
+    python train.py --data myfacts.jsonl --until-recalled --rank auto          # planned rank, doubled if need be
     python train.py --task longctx --length 200 --noise 1.0 --rank 8 --method sw
     python train.py --model DIR --task phonebook --length 60 --rank 4 --targets q_proj,v_proj --method ot --steps 30
     python train.py --ranks 1,2,4,8 --lengths 50,100,200 --task longctx     # a resumable grid sweep
@@ -30,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from data import SYSTEM, DataError, Example, file_sha256, jsonl_task, load_tokenizer, make_task, read_facts
-from eval import LN2, PrefixCache, answer_losses, evaluate, sampled_recall, teacher_forced
+from data import SYSTEM, DataError, Example, facts, file_sha256, jsonl_task, load_tokenizer, make_task, read_facts
+from eval import (CERTIFICATE, LN2, PrefixCache, answer_losses, certify, evaluate, print_certificate, sampled_recall,
+                  teacher_forced)
 from lora import (PRESETS, TARGETS, LoraError, adapter_disabled, add_lora, atomic_dir, load_adapter, lora_parameters,
                   merge, save_adapter, unwrapped_state_dict)
 from memft import (SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights,
                    paper_schedule, weighted_loss)
-from model import ModelError, default_device_dtype, load_model, resolve_model_dir
+from model import ModelArgs, ModelError, default_device_dtype, load_model, read_config, resolve_model_dir
 
 SCHEMA = 2  # 2: results carry `settings` and `processes`
 
@@ -50,7 +52,7 @@ class Config:
     data: str | None = None
     text: str | None = None
     samples: int = 100
-    rank: int = 8
+    rank: int | str = 8  # "auto" (with until_recalled): from the planner, doubled until every fact is recalled
     preset: str | None = None  # None -> standard for facts (PEFT loads it, it merges), paper otherwise
     targets: str | None = None  # comma list; None -> the preset's
     layers: str | None = None  # comma list; None -> preset ('paper': 2/3 depth) or all
@@ -77,6 +79,9 @@ class Config:
     activation_checkpointing: bool = False
     compile: bool = False
     stop_when_memorized: bool = False
+    until_recalled: bool = False  # facts: stop once memorized, confirm with the decoder, write certificate.json
+    max_rank: int | None = None  # --rank auto's cap (None -> MAX_RANK); never above the targets' width
+    plan_from: str | None = None  # --rank auto: results files the planner reads (None -> PLAN_FROM)
     stop_at_plateau: float | None = None  # relative change of the training loss that counts as a plateau
     eval_every: int = 10
     prefix_cache_mb: float = 4096
@@ -92,7 +97,8 @@ class Config:
         task = self.task or (jsonl_task(self.data) if self.data else "phonebook")
         preset = self.preset or ("standard" if task == "facts" else "paper")
         length = self.length if self.length is not None or self.length_from_file(task) else 100
-        return replace(self, task=task, preset=preset, length=length)
+        memorized = self.stop_when_memorized or self.until_recalled  # recalled implies memorized
+        return replace(self, task=task, preset=preset, length=length, stop_when_memorized=memorized)
 
     def length_from_file(self, task: str) -> bool:
         return task == "facts" or (task == "phonebook" and self.data is not None)
@@ -133,8 +139,12 @@ class RunInterrupted(RunError):
 # Settings that change only speed, memory, where files go or how often they are written. Every
 # other setting changes the numbers, so a finished run or a checkpoint is reused only when all of
 # those match (`identity`).
+# --until-recalled changes a run only through --stop-when-memorized, which it sets; --rank auto's options choose
+# which runs to make, and each of those runs is named and identified by its own rank.
 NOT_IDENTITY = ("out", "name", "overwrite", "save_every", "prefix_cache_mb", "activation_checkpointing", "compile",
-                "merge_to")
+                "merge_to", "until_recalled", "max_rank", "plan_from")
+MAX_RANK = 64  # --rank auto's default cap
+PLAN_FROM = "results/**/*.json"  # --rank auto: the results files the planner reads by default
 
 
 def identity(cfg: Config, processes: int) -> dict:
@@ -164,8 +174,10 @@ def refuse_other_settings(saved: dict | None, wanted: dict, path: Path) -> None:
 
 def check(cfg: Config) -> None:
     """Reject impossible settings before anything is loaded or written."""
-    positive = dict(rank=cfg.rank, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, samples=cfg.samples,
-                    epochs=cfg.epochs, eval_every=cfg.eval_every, length=cfg.length)
+    check_until_recalled(cfg)
+    positive = dict(rank=None if cfg.rank == "auto" else cfg.rank, max_rank=cfg.max_rank, batch_size=cfg.batch_size,
+                    grad_accum=cfg.grad_accum, samples=cfg.samples, epochs=cfg.epochs, eval_every=cfg.eval_every,
+                    length=cfg.length)
     for k, v in positive.items():
         if v is not None and v <= 0:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {v}")
@@ -222,6 +234,22 @@ def check(cfg: Config) -> None:
         check_merge_to(cfg.settled())
 
 
+def check_until_recalled(cfg: Config) -> None:
+    """--until-recalled and --rank auto: the combinations that make sense, checked before anything loads."""
+    auto = cfg.rank == "auto"
+    if not isinstance(cfg.rank, int) and not auto:
+        raise RunError(f"--rank must be a positive integer or auto, got {cfg.rank!r}")
+    if auto and not cfg.until_recalled:
+        raise RunError("--rank auto grows the rank until every fact is recalled; add --until-recalled")
+    for flag, value in (("--max-rank", cfg.max_rank), ("--plan-from", cfg.plan_from)):
+        if value is not None and not auto:
+            raise RunError(f"{flag} applies to --rank auto only; drop it or use --rank auto --until-recalled")
+    if cfg.plan_from is not None and not cfg.plan_from.strip():
+        raise RunError("--plan-from takes a glob of results files, e.g. 'results/**/*.json'")
+    if cfg.until_recalled and not cfg.decode:
+        raise RunError("--until-recalled confirms recall with the decoder; drop --no-decode")
+
+
 def check_data(cfg: Config) -> None:
     """The task --data names, and every line of a facts file, checked before the tokenizer loads."""
     c = cfg.settled()  # reads --data's keys: a malformed file stops here, with its line
@@ -229,6 +257,9 @@ def check_data(cfg: Config) -> None:
         raise RunError("--paper-schedule holds the authors' PhoneBook tables; use it with --task phonebook")
     if c.task == "facts" and c.data is None:
         raise RunError('--task facts needs --data FILE, a jsonl of {"query": ..., "target": ...} lines')
+    if c.until_recalled and c.task != "facts":
+        raise RunError(f"--until-recalled certifies your own facts: give --data FILE of {{\"query\", \"target\"}} "
+                       f"lines (this is task {c.task})")
     if c.length_from_file(c.task):
         if cfg.length is not None:
             raise RunError(f"--length does not apply to --data {c.data} (task {c.task}): the file's targets set the "
@@ -931,6 +962,8 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
     # Saved with the adapter: the base model's real folder (for PEFT) and the prompt format (for eval.py).
     model.lora_config |= dict(base_model_path=base_model_path(cfg.model), prompt=dict(
         system=SYSTEM, systems=task.systems, chat_template_kwargs=dict(enable_thinking=False)))
+    if cfg.data:  # what eval.py --certify measures again, refused when the file changed
+        model.lora_config["data"] = dict(path=str(Path(cfg.data).resolve()), sha256=file_sha256(cfg.data))
     layers = model.lora_config["layers"]
     prefix = PrefixCache(model, min(layers), cfg.prefix_cache_mb) if min(layers) > 0 else None
     if procs.world > 1:
@@ -1054,6 +1087,122 @@ def write_merged(cfg: Config, adapter: Path, out: Path) -> None:
     print(f"merged: {out} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
 
 
+# ----------------------------------------------------------------------------- until recalled
+
+FIRST_RANK = 4  # where --rank auto starts when the planner cannot plan
+
+
+def until_recalled(cfg: Config) -> dict:
+    """--until-recalled: one run, or with --rank auto runs at doubling ranks, until every fact is recalled;
+    then the certificate of the last run's adapter, measured on it as saved and written beside it.
+
+    Every attempt is a run of its own, named and identified by its rank, so a killed --rank auto
+    resumes where it stopped: finished attempts are reused, the current one resumes from its checkpoint.
+    """
+    check(cfg)
+    cfg = cfg.settled()
+    procs = Processes.start()
+    say = print if procs.rank == 0 else (lambda *a, **k: None)
+    plan, ranks = None, [cfg.rank]
+    if cfg.rank == "auto":
+        width = module_width(cfg.model, target_list(cfg.targets, PRESETS[cfg.preset]["targets"]))
+        tokens = facts(load_tokenizer(cfg.model), cfg.data).length
+        plan = planned_rank(cfg, tokens, width)
+        ranks = rank_ladder(plan["rank"], min(cfg.max_rank or MAX_RANK, width))
+        say(f"rank auto: {plan_line(plan, tokens)}; ranks to try {', '.join(map(str, ranks))} (cap: --max-rank "
+            f"{cfg.max_rank or MAX_RANK}, width {width})")
+    attempts = []
+    for rank in ranks:
+        c = attempt(cfg, rank)
+        result = main(c)
+        n, got = len(result["per_sample"]), recalled(result)
+        attempts.append(dict(rank=rank, name=result["name"], steps=result["steps"], budget=result["budget"],
+                             facts_recalled=got, facts=n))
+        grow = "" if got == n or rank == ranks[-1] else f"; doubling the rank to {ranks[len(attempts)]}"
+        say(f"attempt {len(attempts)}: rank {rank}, {result['steps']} of {result['budget']} steps, {got}/{n} facts "
+            f"recalled{grow}")
+        if got == n:
+            break
+    adapter = RunFiles(Path(c.out), c.run_name()).adapter
+    cert = write_certificate(c, adapter, attempts, plan) if procs.rank == 0 else None
+    procs.barrier()
+    if got < n:
+        more = "raise --steps or --max-rank" if cfg.rank == "auto" else "raise --steps, or try --rank auto"
+        raise RunError(f"{got}/{n} facts recalled after {len(attempts)} attempt{'s' * (len(attempts) > 1)} (the last "
+                       f"at rank {rank}, {result['steps']} of {result['budget']} steps); the certificate says which; "
+                       f"{more}")
+    if cfg.merge_to and procs.rank == 0:
+        write_merged(c, adapter, Path(cfg.merge_to))
+    return cert
+
+
+def write_certificate(c: Config, adapter: Path, attempts: list[dict], plan: dict | None) -> dict:
+    """The certificate of the last attempt's adapter, measured on it as saved (as eval.py --certify does),
+    with how training went; written atomically beside the adapter and printed as a table."""
+    cert = certify(c.model, adapter, c.data, dtype=c.dtype, device=c.device)
+    cert["overall"] |= dict(steps=attempts[-1]["steps"], attempts=attempts)
+    if plan is not None:
+        cert["plan"] = plan
+    atomic_json(adapter / CERTIFICATE, cert)
+    print_certificate(cert)
+    print(f"certificate: {adapter / CERTIFICATE} (python eval.py --adapter {adapter} --certify checks it again)")
+    return cert
+
+
+def attempt(cfg: Config, rank: int) -> Config:
+    """The run of one attempt at `rank`: under --name, --rank auto's attempts get the rank as a suffix."""
+    name = f"{cfg.name}-r{rank}" if cfg.name and cfg.rank == "auto" else cfg.name
+    return replace(cfg, rank=rank, name=name, max_rank=None, plan_from=None, merge_to=None)
+
+
+def recalled(result: dict) -> int:
+    """How many facts a run recalls: every answer token above p = 0.5, and the decoder's reply exact."""
+    return sum(p["exact_match"] and not p["stubborn_positions"] for p in result["per_sample"])
+
+
+def rank_ladder(start: int, cap: int) -> list[int]:
+    """--rank auto's ranks: start, then doubled, up to `cap` (the last one is `cap` itself)."""
+    ranks = [max(1, min(start, cap))]
+    while ranks[-1] < cap:
+        ranks.append(min(2 * ranks[-1], cap))
+    return ranks
+
+
+def module_width(model: str, targets: tuple) -> int:
+    """The smallest input or output width among the adapted modules, from config.json (the weights stay unread):
+    a rank above it cannot add anything."""
+    a = ModelArgs.from_config(read_config(resolve_model_dir(model)))
+    q, kv, mid = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.intermediate_size
+    shapes = dict(q_proj=(a.dim, q), k_proj=(a.dim, kv), v_proj=(a.dim, kv), o_proj=(q, a.dim),
+                  gate_proj=(a.dim, mid), up_proj=(a.dim, mid), down_proj=(mid, a.dim), mlp=(a.dim, a.dim))
+    return min(min(shapes[t]) for t in targets)
+
+
+def planned_rank(cfg: Config, tokens: int, width: int) -> dict:
+    """Where --rank auto starts: fitlaw.plan_recall's rank for `tokens` answer tokens over the --plan-from
+    results, or FIRST_RANK with the reason when it cannot plan."""
+    import glob
+
+    import fitlaw
+
+    paths = sorted(glob.glob(cfg.plan_from or PLAN_FROM, recursive=True))
+    plan = getattr(fitlaw, "plan_recall", None)
+    if plan is None:
+        return dict(rank=FIRST_RANK, planned=None, reason="fitlaw.plan_recall is not available")
+    try:
+        p = plan(paths, tokens, width, model=cfg.model)
+    except fitlaw.PlanError as e:
+        return dict(rank=FIRST_RANK, planned=None, reason=str(e))
+    return dict(rank=p["rank"], planned=p["rank"], fit=p["fit"], runs=p["runs"])
+
+
+def plan_line(plan: dict, tokens: int) -> str:
+    """What the planner said, in a few words."""
+    if plan["planned"] is None:
+        return f"the planner cannot plan ({plan['reason']}); starting from rank {plan['rank']}"
+    return f"the planner gives rank {plan['rank']} for {tokens} answer tokens ({plan['fit']}, {len(plan['runs'])} runs)"
+
+
 def run_grid(cfg: Config, sweep: dict) -> None:
     """Run every combination one after another; finished runs are reused, so a killed sweep resumes.
 
@@ -1111,7 +1260,16 @@ def parse(argv=None) -> tuple[Config, dict]:
     g.add_argument("--text", default=None, help="longctx: a plain-text file of clean prose (default: built-in)")
     g.add_argument("--samples", type=int, default=c.samples, help="linear: train pairs (as many held out)")
     g = ap.add_argument_group("adapter")
-    g.add_argument("--rank", type=int, default=c.rank, help="LoRA rank r (default %(default)s)")
+    g.add_argument("--rank", type=rank_arg, default=c.rank,
+                   help="LoRA rank r, or auto with --until-recalled: start from the rank that fitlaw.plan_recall "
+                        "plans from --plan-from's runs (rank 4 when it cannot plan) and double it while the budget "
+                        "runs out before every fact is recalled (default %(default)s)")
+    g.add_argument("--max-rank", type=int, default=None,
+                   help=f"--rank auto: the largest rank to try (default {MAX_RANK}; never above the smallest width "
+                        f"of the adapted modules)")
+    g.add_argument("--plan-from", default=None, metavar="GLOB",
+                   help=f"--rank auto: the results files the planner reads, a glob relative to the current folder "
+                        f"(default '{PLAN_FROM}')")
     g.add_argument("--preset", default=None,
                    help="paper (mlp probe, 2/3 depth; our format only) | standard (q,v all layers; exports to PEFT "
                         "and merges) (default: standard for facts, paper otherwise)")
@@ -1142,6 +1300,11 @@ def parse(argv=None) -> tuple[Config, dict]:
                    help="comma list of steps at which to record ΔL, token acc, EM, stubborn tokens and first "
                         "failure inside the run (teacher-forced)")
     g.add_argument("--stop-when-memorized", action="store_true", help="stop once every answer token has p > 0.5")
+    g.add_argument("--until-recalled", action="store_true",
+                   help="facts: train until every answer token has p > 0.5 and the decoder confirms every target "
+                        "(--steps is the budget of each attempt), then write certificate.json beside the adapter: "
+                        "per fact exact or not, smallest p and margin; rank, params, bits; the side effects on "
+                        "prose perplexity and general prompts. Exits 1 when some fact is not recalled")
     g.add_argument("--stop-at-plateau", type=float, nargs="?", const=0.01, default=None, metavar="TOL",
                    help="stop once the mean training loss over the last tenth of the steps differs from the tenth "
                         "before by under TOL (default 0.01 = 1%%); the results record which stop fired")
@@ -1181,8 +1344,22 @@ def parse(argv=None) -> tuple[Config, dict]:
     return Config(**a), sweep
 
 
+def rank_arg(text: str) -> int | str:
+    """--rank: an integer, or 'auto'."""
+    import argparse
+
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 def interrupted_line(cfg: Config) -> str:
     """What a hard Ctrl-C leaves behind, in one line."""
+    if cfg.rank == "auto":
+        return "interrupted: run the same command to resume (finished attempts are reused, the current one resumes)"
     ckpt = RunFiles(Path(cfg.out), cfg.run_name()).ckpt
     st = find_checkpoint(ckpt) if ckpt.parent.is_dir() else None
     if st is None:
@@ -1195,7 +1372,12 @@ def cli(argv=None) -> None:
     first = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process speaks for all
     try:
         if any(sweep.values()):
+            if cfg.until_recalled or cfg.rank == "auto":
+                raise RunError("--until-recalled certifies one run (--rank auto makes its own attempts); drop the "
+                               "sweep lists")
             run_grid(cfg, sweep)
+        elif cfg.until_recalled:
+            until_recalled(cfg)
         else:
             main(cfg)
     except RunInterrupted as e:
