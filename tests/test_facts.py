@@ -1,17 +1,16 @@
 """Your own facts: the file's checks (file:line, before any loading), the task and run name it implies,
-prompts against transformers' chat template, recall through eval.py with the training prompt, and the
-deployable outputs: PEFT's AutoPeftModelForCausalLM and a merged folder that transformers loads alone."""
+prompts against transformers' chat template, and on a tiny model the files a run writes and its merge.
+The built-in model end to end (until recalled, the certificate, eval.py, PEFT and the merged folder) is
+in test_certificate.py."""
 
 import hashlib
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import convert
 import eval as ev
 import train
 from conftest import hf_model
@@ -206,68 +205,3 @@ def test_merge_a_finished_run_later_matches_our_model(tiny_chat, tmp_path, capsy
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     train.cli(argv + ["--merge-to", str(merged)])  # a folder we merged into before may be replaced
     assert json.loads((merged / train.MERGED_MARK).read_text())["adapter"] == str(tmp_path / "runs" / "r")
-
-
-# ----------------------------------------------------------------------------- built-in model, end to end
-
-
-@pytest.fixture(scope="module")
-def staff_run(tmp_path_factory):
-    """Ten facts trained to exact recall on the built-in model, standard preset, with --merge-to."""
-    try:
-        convert.find_gguf()
-    except convert.ConvertError as e:
-        pytest.skip(str(e))
-    tmp = tmp_path_factory.mktemp("staff")
-    f = write_jsonl(tmp / "staff.jsonl", STAFF)
-    t0 = time.perf_counter()
-    train.cli(["--data", str(f), "--rank", "8", "--lr", "2e-2", "--steps", "60", "--stop-when-memorized",
-               "--eval-every", "5", "--out", str(tmp / "runs"), "--merge-to", str(tmp / "merged")])
-    print(f"trained in {time.perf_counter() - t0:.1f}s")
-    name = train.Config(data=str(f)).run_name()
-    res = json.loads((tmp / "runs" / f"{name}.json").read_text())
-    targets = [str(r["target"]) for r in STAFF]
-    return dict(res=res, adapter=tmp / "runs" / name, merged=tmp / "merged", data=f, targets=targets,
-                ex=facts(load_tokenizer("default"), f).train)
-
-
-@pytest.mark.slow
-def test_recall_through_eval_uses_the_training_prompt(staff_run, monkeypatch, capsys):
-    res = staff_run["res"]
-    assert res["task"] == "facts" and res["preset"] == "standard" and res["exact_match"] == 1.0
-    assert res["stop_reason"] == "memorized"
-    seen = []
-    real = ev.generate
-    monkeypatch.setattr(ev, "generate", lambda m, ids, *a, **k: seen.append(list(ids)) or real(m, ids, *a, **k))
-    for row, target, e in zip(STAFF, staff_run["targets"], staff_run["ex"]):
-        assert ev.reply(None, row["query"], 32, adapter=staff_run["adapter"]) == target  # no --system
-        assert seen[-1] == e.prompt  # the very prompt it was trained on: same system turn, same template
-    assert capsys.readouterr().out.splitlines() == staff_run["targets"]  # what the command prints
-    # eval.py's metrics mode reads the run's facts file back
-    assert ev.main(None, str(staff_run["adapter"]))["exact_match"] == 1.0
-
-
-@pytest.mark.slow
-def test_peft_auto_model_loads_the_adapter_offline_and_recalls(staff_run, monkeypatch):
-    peft = pytest.importorskip("peft")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = json.loads((staff_run["adapter"] / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(convert.builtin_model_dir().resolve())
-    pm = peft.AutoPeftModelForCausalLM.from_pretrained(str(staff_run["adapter"]), dtype=torch.float32).eval()
-    assert_generates_targets(pm, staff_run["ex"])
-
-
-@pytest.mark.slow
-def test_merged_folder_loads_in_transformers_and_recalls(staff_run):
-    tf = pytest.importorskip("transformers")
-    m = tf.AutoModelForCausalLM.from_pretrained(staff_run["merged"], dtype=torch.float32).eval()
-    assert_generates_targets(m, staff_run["ex"])
-
-
-def assert_generates_targets(hf, examples):
-    """transformers' greedy generate from each training prompt gives the answer tokens, end-of-turn included."""
-    for e in examples:
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([e.prompt]), max_new_tokens=len(e.answer) + 4, do_sample=False,
-                              pad_token_id=2)
-        assert out[0, len(e.prompt):].tolist() == e.answer
