@@ -445,7 +445,8 @@ def main(model: str | None, adapter: str, task: str | None = None, length: int |
     tok = load_tokenizer(model)
     m = load_model(model)
     task = make_task(tok, task or run.get("task", "phonebook"), length or run.get("length", 100),
-                     noise if noise is not None else run.get("noise"), seed if seed is not None else run.get("seed", 0),
+                     noise if noise is not None else run.get("noise"),
+                     seed if seed is not None else run.get("data_seed", run.get("seed", 0)),  # the data's seed
                      data or run.get("data"), text or run.get("text"), run.get("n_samples", 100))
     pad = tok.pad_id
     loss_init = [loss for loss, _ in teacher_forced(m, task.train, pad)]
@@ -480,7 +481,7 @@ if __name__ == "__main__":
     ap.add_argument("--task", default=None, help="phonebook | longctx | linear | facts (default: the run's)")
     ap.add_argument("--length", type=int, default=None)
     ap.add_argument("--noise", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None, help="the seed of the task's data (default: the run's data seed)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--text", default=None)
     ap.add_argument("--sample-recall", type=int, default=0, metavar="K", help="also decode K samples per example")

@@ -67,6 +67,17 @@ def test_data_seed_holds_the_data_while_the_training_seed_changes(tiny_chat, tmp
     assert c["loss_init"] != a["loss_init"]  # other random text
 
 
+def test_eval_rebuilds_the_data_of_the_runs_data_seed(tiny_chat, tmp_path):
+    """A run trained with seed 1 on data seed 5: eval.py evaluates its adapter on data seed 5's text,
+    so it reproduces the run's own loss_final (not that of seed 1's text)."""
+    import eval as ev
+
+    r = run(tiny_chat, tmp_path, **LC, steps=3, seed=1, data_seed=5, decode=False)
+    res = ev.main(str(tiny_chat), str(tmp_path / r["name"]))
+    assert res["loss_init"] == pytest.approx(r["loss_init"], rel=1e-5)
+    assert res["loss_final"] == pytest.approx(r["loss_final"], rel=1e-5)
+
+
 def test_snapshots_under_a_constant_lr_equal_shorter_runs(tiny_chat, tmp_path):
     """With a constant lr, the state after T steps does not depend on the total budget: the snapshot
     at T inside a long run equals the end of a run of T steps."""
