@@ -50,8 +50,18 @@ memft_lc() {  # $1: comma list of seeds
     --out $OUT
 }
 
-chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4; }
-chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3; }
+# Stage 4, MemFT against SFT on PhoneBook, large enough that SW's curriculum switches on: 32 numbers
+# (ℓ = 320 digits), batch 8, so the active set grows from 8 to 32 numbers over the epochs. Rank 2, where
+# a one-seed pilot of SFT recalled 5 of 32 numbers after 200 epochs (rank 1: 0 of 32). The same
+# 200 epochs (800 steps) for every method at a constant lr 1e-2, five paired seeds.
+memft_pb() {  # $1: comma list of seeds
+  $PY train.py --task phonebook --length 320 --rank 2 --methods sft,ot,sw --seeds "$1" --batch-size 8 \
+    --epochs 200 --schedule constant --snapshots 100,200,400,600,800 --stop-when-memorized --save-every 100 \
+    --out $OUT
+}
+
+chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4 && memft_pb 0,2,4; }
+chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3 && memft_pb 1,3; }
 chain1 > $OUT/chain1.log 2>&1 &
 chain2 > $OUT/chain2.log 2>&1
 wait
