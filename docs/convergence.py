@@ -348,34 +348,44 @@ def paired(a: list[float], b: list[float]) -> str:
     return out
 
 
-def memft(runs: list[dict]) -> list[str]:
-    """Stage 3: MemFT-OT and -SW against SFT at the same budget, seed by seed (each seed its own data)."""
+MEMFT = {  # stage: (task, noise, ℓ, rank, budget in steps), its metric, and how it is described
+    "long context": (("longctx", 1.0, 50, 1, 1000), "token_acc",
+                     "ℓ = 50 random ids at rank 1, where SFT stays below exact recall; 1000 steps"),
+    "PhoneBook": (("phonebook", None, 320, 2, 800), "exact_match",
+                  "32 numbers (ℓ = 320 digits) at rank 2 with batch 8, so SW's curriculum grows its active set "
+                  "from 8 to 32 numbers; 200 epochs (800 steps)"),
+}
+
+
+def memft(runs: list[dict], label: str) -> list[str]:
+    """Stages 3 and 4: MemFT-OT and -SW against SFT at the same budget, seed by seed (seed i on data
+    seed i), with paired tests on the stage's metric (token accuracy; PhoneBook: numbers recalled)."""
+    key, metric, what = MEMFT[label]
     arms = {}
     for r in runs:
-        if (r["task"], r["noise"], r["length"], r["rank"], r.get("budget"), r.get("schedule")) == \
-                ("longctx", 1.0, 50, 1, 1000, "constant") and r.get("data_seed") == r["seed"]:
+        if (r["task"], r.get("noise"), r["length"], r["rank"], r.get("budget")) == key and \
+                r.get("schedule") == "constant" and r.get("data_seed") == r["seed"] and not r.get("paper_schedule"):
             arms.setdefault(r["method"], {})[r["seed"]] = r
     seeds = sorted(set.intersection(*(set(v) for v in arms.values()))) if len(arms) == 3 else []
     if len(seeds) < 2:
         return []
+    name = {"token_acc": "token accuracy", "exact_match": "fraction of numbers recalled exactly"}[metric]
     rows, tests = [], []
     for m in ("sft", "ot", "sw"):
-        acc = [arms[m][s]["token_acc"] for s in seeds]
+        v = [arms[m][s][metric] for s in seeds]
         em = [arms[m][s]["exact_match"] == 1.0 for s in seeds]
         t = [steps_to_recall(arms[m][s])[0] for s in seeds]
-        rows.append([m] + [f"{a:.2f}" for a in acc] + [f"{np.mean(acc):.3f} ± {np.std(acc, ddof=1):.3f}",
-                                                       f"{sum(em)} of {len(em)}",
-                                                       " / ".join("–" if x is None else str(x) for x in t)])
+        rows.append([m] + [f"{a:.2f}" for a in v] + [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}",
+                                                     f"{sum(em)} of {len(em)}",
+                                                     " / ".join("–" if x is None else str(x) for x in t)])
         if m != "sft":
-            tests.append(f"- {m.upper()} − SFT, token accuracy: "
-                         + paired([arms["sft"][s]["token_acc"] for s in seeds], [arms[m][s]["token_acc"] for s in seeds]))
-    return ["### MemFT against SFT, long context", "",
-            f"ℓ = 50 random ids at rank 1, where SFT stays below exact recall; a fixed budget of 1000 steps at a "
-            f"constant lr 1e-2, stopping once memorised. {len(seeds)} paired seeds: seed i trains every method on "
-            "data seed i. Token accuracy per seed, its mean ± sd, runs recalled exactly, and the step of exact "
-            "recall (– = not within the budget).", "",
-            table(["method"] + [f"seed {s}" for s in seeds] + ["mean ± sd", "exact", "steps to exact"], rows), "",
-            "Paired differences (mean ± sd over seeds):", "", *tests, "",
+            tests.append(f"- {m.upper()} − SFT: " + paired([arms["sft"][s][metric] for s in seeds], v))
+    return [f"### MemFT against SFT, {label}", "",
+            f"{what}, at a constant lr 1e-2, the same budget for every method, stopping once memorised. "
+            f"{len(seeds)} paired seeds: seed i trains every method on data seed i. Per seed: the {name}; its "
+            "mean ± sd; runs recalled entirely; the step of entire recall (– = not within the budget).", "",
+            table(["method"] + [f"seed {s}" for s in seeds] + ["mean ± sd", "all exact", "steps to all exact"], rows),
+            "", f"Paired differences in {name} (mean ± sd over seeds):", "", *tests, "",
             f"With {len(seeds)} pairs the smallest two-sided p a sign or Wilcoxon test can give is "
             f"{2 / 2 ** len(seeds):.3g}.", ""]
 
@@ -433,6 +443,6 @@ def report(folder: Path, figures: Path) -> list[str]:
         return ["No convergence runs yet: `bash docs/reproduce.sh` writes them into results/convergence/.", ""]
     (folder / "summary.csv").write_text(summary_csv(runs))
     hours = sum(r.get("wall_s", r.get("time_s", 0.0)) for r in runs) / 3600
-    return (budget_curve(runs, figures) + law_by_budget(runs, figures) + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + memft(runs) + sampling(folder)
+    return (budget_curve(runs, figures) + law_by_budget(runs, figures) + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + memft(runs, "long context") + memft(runs, "PhoneBook") + sampling(folder)
             + [f"{len(runs)} runs, {hours:.1f} h of summed wall time (one thread each, two chains side by side); "
                f"one row per run in results/convergence/summary.csv.", ""])
