@@ -436,6 +436,29 @@ def summary_csv(runs: list[dict]) -> str:
     return buf.getvalue()
 
 
+def stages(runs: list[dict], folder: Path) -> list[str]:
+    """How far each stage of docs/reproduce.sh (and the two scripts beside it) has come."""
+    grid = grid_runs(runs)
+    lc_key, _, _ = MEMFT["long context"]
+    pb_key, _, _ = MEMFT["PhoneBook"]
+    arm = lambda key: sum((r["task"], r.get("noise"), r["length"], r["rank"], r.get("budget")) == key  # noqa: E731
+                          and r.get("data_seed") == r["seed"] for r in runs)
+    probes = len(grid_runs(runs, lengths=None)) - len(grid)
+    sampled = folder / "sampling.json"
+    rows = [["1. budget curve: ranks {1, 4, 16} at ℓ = 100, 2000 steps", "6",
+             sum(r["length"] == BUDGET_LENGTH and r["rank"] in BUDGET_RANKS and r.get("stop_reason") == "budget"
+                 for r in grid)],
+            ["2. law grid: ranks {1, 2, 4, 8, 16, 32} × ℓ {25, 50, 100, 200} at ρ = 1, 2 seeds", "48", len(grid)],
+            ["3. MemFT vs SFT, long context: ℓ = 50, rank 1, 1000 steps, 5 paired seeds × 3 methods", "15",
+             arm(lc_key)],
+            ["4. MemFT vs SFT, PhoneBook: 32 numbers, rank 2, batch 8, 200 epochs, 5 paired seeds × 3 methods", "15",
+             arm(pb_key)],
+            ["capacity by bisection over ℓ (`docs/capacity.py`)", "–", probes],
+            ["recall under sampling (`docs/sampling.py`)", "–",
+             len(json.loads(sampled.read_text())["rows"]) if sampled.exists() else 0]]
+    return ["### Progress", "", table(["stage", "runs planned", "runs done"], rows), ""]
+
+
 def report(folder: Path, figures: Path) -> list[str]:
     """The generated block's lines; also writes the figures and folder/summary.csv."""
     runs = load(folder)
@@ -443,6 +466,6 @@ def report(folder: Path, figures: Path) -> list[str]:
         return ["No convergence runs yet: `bash docs/reproduce.sh` writes them into results/convergence/.", ""]
     (folder / "summary.csv").write_text(summary_csv(runs))
     hours = sum(r.get("wall_s", r.get("time_s", 0.0)) for r in runs) / 3600
-    return (budget_curve(runs, figures) + law_by_budget(runs, figures) + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + memft(runs, "long context") + memft(runs, "PhoneBook") + sampling(folder)
+    return (stages(runs, folder) + budget_curve(runs, figures) + law_by_budget(runs, figures) + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + memft(runs, "long context") + memft(runs, "PhoneBook") + sampling(folder)
             + [f"{len(runs)} runs, {hours:.1f} h of summed wall time (one thread each, two chains side by side); "
                f"one row per run in results/convergence/summary.csv.", ""])

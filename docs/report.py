@@ -4,7 +4,7 @@
     python docs/report.py --results DIR
 
 Everything here is derived from the results files; nothing is typed in by hand except the paper's
-reference numbers (SPEC §8), which are labelled as such.
+reference numbers, which are labelled as such.
 """
 
 import json
