@@ -24,7 +24,7 @@ from fitlaw import at_step, bootstrap, fit_law, lack_of_fit, saturated  # noqa: 
 VOCAB = 49152  # the built-in model's vocabulary
 BUDGET_RANKS, BUDGET_LENGTH = (1, 4, 16), 100
 GRID_RANKS, GRID_LENGTHS = (1, 2, 4, 8, 16, 32), (25, 50, 100, 200)
-N_BOOT = 500  # bootstrap resamples for the exponents' intervals
+N_BOOT = 1000  # bootstrap resamples for the exponents' intervals, as fitlaw.py by default
 SUMMARY_KEYS = ("name", "task", "noise", "length", "rank", "params", "method", "seed", "data_seed", "steps",
                 "stop_reason", "loss_init", "loss_final", "delta_loss", "token_acc", "exact_match", "stubborn",
                 "earliest_stubborn", "first_failure", "wall_s")
