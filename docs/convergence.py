@@ -67,7 +67,7 @@ def stable_from(steps: list[int], per_seed: np.ndarray, rel: float = 1e-3) -> in
     the seed-mean ΔL is below the seed spread at T (max − min over seeds), or below `rel` of ΔL (a
     memorised run only creeps). per_seed: (seeds, snapshots). None when it never settles."""
     mean, spread = per_seed.mean(0), per_seed.max(0) - per_seed.min(0)
-    for i in range(len(steps)):
+    for i in range(len(steps) - 1):  # the last snapshot has nothing after it to settle against
         moves = np.abs(np.diff(mean[i:]))
         if np.all((moves < spread[i]) | (moves < rel * np.abs(mean[i + 1:]))):
             return steps[i]
