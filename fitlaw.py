@@ -9,6 +9,7 @@
     python fitlaw.py results/*.json --plan --length 1000 --target-delta 2.0
     python fitlaw.py results/*.json --combine-noise --plot law.png
     python fitlaw.py results/*.json --grid grid.png --max-runs 4
+    python fitlaw.py results/convergence/*.json --plan-recall --tokens 80   # rank to recall 80 tokens exactly
 
 A group is one study: runs sharing (model, task, method, noise, preset, budget, schedule); --combine-noise
 merges the noise levels into one "combined" group. Within a group, runs at the same (rank or params,
@@ -320,6 +321,162 @@ def plan_rank(C, alpha, beta, b, length, target_delta):
     if C < 0 and target_delta >= b:
         return None
     return float(((target_delta - b) * length ** beta / C) ** (1.0 / alpha))
+
+
+# ----------------------------------------------------------------------------- the recall planner
+
+PLAN_KEY = ("model", "targets", "layers", "task", "noise", "method", "schedule", "budget")
+
+
+class PlanError(ValueError):
+    """The planner cannot answer from these runs; the message says why and what would let it."""
+
+
+def memorised(run) -> bool:
+    """Every answer recalled: the decoder's exact match is 1 and no answer token is at p ≤ 0.5."""
+    return run.get("exact_match") == 1 and not run.get("stubborn")
+
+
+def capacity_points(runs) -> list[tuple[int, int, int | None]]:
+    """(rank, held, lost) per rank: `held` is the longest answer (in tokens) that every run of that length
+    memorised, `lost` the shortest longer one that some run did not (None when none was tried or all held).
+    Ranks with nothing held are left out."""
+    by_rank = {}
+    for run in runs:
+        by_rank.setdefault(run["rank"], {}).setdefault(run["answer_tokens"], []).append(memorised(run))
+    points = []
+    for rank, lengths in sorted(by_rank.items()):
+        held = max((n for n, ok in lengths.items() if all(ok)), default=None)
+        if held is None:
+            continue
+        lost = min((n for n, ok in lengths.items() if n > held and not all(ok)), default=None)
+        points.append((rank, held, lost))
+    return points
+
+
+def fit_capacity(points) -> tuple[float, float]:
+    """(K, γ) of held = K · r^γ, least squares in log-log over the (rank, held) points."""
+    r = np.log([p[0] for p in points])
+    n = np.log([p[1] for p in points])
+    gamma, log_k = np.polyfit(r, n, 1)
+    return float(np.exp(log_k)), float(gamma)
+
+
+def plan_group(runs, tokens: int, width: int | None = None) -> dict:
+    """The smallest rank whose fitted capacity K·r^γ holds `tokens` answer tokens, from one group of runs.
+
+    The fit uses the ranks whose capacity is bracketed: some length held by every run, and a longer one
+    that some run lost. A rank where every length was held says only "at least", so it bounds the
+    measured range but does not enter the fit. Raises PlanError, naming the reason, when fewer than two
+    ranks are bracketed, when capacity does not grow with rank, when `tokens` is longer than any answer
+    memorised here, or when the rank would lie beyond the measured ranks or above `width`."""
+    if tokens <= 0:
+        raise PlanError(f"--tokens {tokens}: give the number of answer tokens to store, a positive integer")
+    points = capacity_points(runs)
+    bracketed = [p for p in points if p[2] is not None]
+    if len({p[0] for p in bracketed}) < 2:
+        raise PlanError(f"capacity is bracketed (a length held and a longer one lost) at {len(bracketed)} rank(s) "
+                        f"of {len({r['rank'] for r in runs})}; the fit needs 2 or more: run longer answers at more "
+                        f"ranks (docs/capacity.py bisects them)")
+    K, gamma = fit_capacity(bracketed)
+    if gamma <= 0:
+        raise PlanError(f"the fitted capacity does not grow with rank (γ = {gamma:.3g}); the runs cannot plan a rank")
+    longest = max(p[1] for p in points)
+    if tokens > longest:
+        raise PlanError(f"{tokens} answer tokens is more than the longest answer memorised in these runs "
+                        f"({longest}); the planner does not extrapolate beyond the measured lengths")
+    ranks = sorted({r["rank"] for r in runs})
+    exact = (tokens / K) ** (1.0 / gamma)
+    rank = max(ranks[0], math.ceil(round(exact, 9)))
+    if rank > ranks[-1]:
+        raise PlanError(f"the fit gives rank {rank} for {tokens} tokens, above the largest rank measured "
+                        f"({ranks[-1]}); the planner does not extrapolate beyond the measured ranks")
+    if width is not None and rank > width:
+        raise PlanError(f"the fit gives rank {rank} for {tokens} tokens, above the adapted modules' width {width}")
+    seen = [p[0] for p in points if p[1] >= tokens]  # direct evidence: ranks measured to hold this many
+    return dict(rank=rank, exact=exact, K=K, gamma=gamma, tokens=tokens,
+                fit=f"held tokens = {K:.3g}·r^{gamma:.3g} over ranks {', '.join(str(p[0]) for p in bracketed)}",
+                points=[list(p) for p in points], measured_rank=min(seen) if seen else None,
+                runs=sorted(r["_path"] for r in runs))
+
+
+def plan_groups(runs) -> dict:
+    """SFT runs with the fields a plan needs, grouped by PLAN_KEY (one adapter configuration, task and budget)."""
+    groups = {}
+    for run in runs:
+        if run.get("method") != "sft" or not isinstance(run.get("answer_tokens"), int) or "exact_match" not in run:
+            continue
+        key = tuple(tuple(v) if isinstance(v := run.get(k), list) else v for k in PLAN_KEY)
+        groups.setdefault(key, []).append(run)
+    return groups
+
+
+def group_label(key) -> str:
+    return ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in zip(PLAN_KEY, key))
+
+
+def plan_recall(paths, tokens: int, width: int | None = None, model: str | None = None,
+                targets: list | None = None, layers: list | None = None) -> dict:
+    """The smallest rank at which `tokens` answer tokens are predicted to be recalled exactly, from the
+    results files in `paths` (files that are not runs are skipped).
+
+    Only SFT runs of the same model, adapted modules and layers count (those given; all when None). They
+    are grouped by task, noise, schedule and budget, since capacity within a fixed budget depends on them;
+    among the groups that can plan, the one with the largest budget (the nearest to convergence) answers,
+    and of those the largest rank. Returns dict(rank, exact, K, gamma, fit, points, measured_rank, runs,
+    group). Raises PlanError with the reason when no group can plan."""
+    runs, _ = load_runs(paths)
+    want = dict(model=model, targets=None if targets is None else list(targets),
+                layers=None if layers is None else list(layers))
+    runs = [r for r in runs if all(v is None or r.get(k) == v for k, v in want.items())]
+    groups = plan_groups(runs)
+    if not groups:
+        named = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in want.items()
+                          if v is not None)
+        raise PlanError(f"no finished SFT runs{' with ' + named if named else ''} among {len(paths)} files; "
+                        f"the planner has nothing to fit")
+    plans, reasons = [], []
+    for key, members in groups.items():
+        try:
+            plans.append(plan_group(members, tokens, width) | dict(group=group_label(key), budget=key[-1]))
+        except PlanError as e:
+            reasons.append((len(members), f"{group_label(key)}: {e}"))
+    if not plans:
+        raise PlanError(max(reasons)[1])  # the largest group's reason
+    return max(plans, key=lambda p: (p["budget"] or 0, p["rank"]))
+
+
+def print_plans(paths, tokens: int, width: int | None = None, where: list = ()) -> int:
+    """fitlaw.py --plan-recall: each group's capacity points and plan (or why not), then, per adapter
+    configuration, the rank train.py --rank auto would start from. Exit status 0 when one plans."""
+    runs, errors = load_runs(paths)
+    runs = [r for r in runs if matches(r, where)]
+    groups = plan_groups(runs)
+    print(f"recall plan for {tokens} answer tokens: {len(runs)} runs read ({len(errors)} other files skipped), "
+          f"{len(groups)} group(s) of SFT runs")
+    for key, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        print(f"\n{group_label(key)}: {len(members)} runs")
+        for r, held, lost in capacity_points(members):
+            print(f"  rank {r:>3}: every run held {held} tokens; " + (f"some lost {lost}" if lost else "none longer lost"))
+        try:
+            p = plan_group(members, tokens, width)
+        except PlanError as e:
+            print(f"  cannot plan: {e}")
+            continue
+        seen = f"; runs held {tokens}+ tokens from rank {p['measured_rank']}" if p["measured_rank"] else ""
+        print(f"  {p['fit']}: rank {p['rank']} (r = {p['exact']:.3g}){seen}")
+    planned = 0
+    for model, targets, layers in sorted({(k[0], k[1], k[2]) for k in groups}, key=str):
+        try:
+            best = plan_recall([r["_path"] for r in runs], tokens, width, model, targets, layers)
+        except PlanError:
+            continue
+        planned += 1
+        print(f"\n{model}, targets {','.join(targets)}, layers {','.join(map(str, layers))}: planned rank "
+              f"{best['rank']} (from the group with the largest budget that plans: {best['group']})")
+    if not planned:
+        print("fitlaw: no group can plan; the reasons are above", file=sys.stderr)
+    return 0 if planned else 1
 
 
 def spearman(earliest_stubborn, first_failure):
@@ -732,6 +889,27 @@ and the summed sufficient-condition violations.""")
     ap.add_argument("--plot", help="PNG path for the fit figure (suffixed _<group index> when several groups)")
     ap.add_argument("--grid", help="PNG path for the per-position probability grid")
     ap.add_argument("--max-runs", type=int, default=4, help="runs drawn in --grid")
+    ap.add_argument("--plan-recall", action="store_true",
+                    help="instead of fitting the law: the smallest rank at which --tokens answer tokens are predicted "
+                         "to be recalled exactly, from a capacity fit (held tokens = K·r^γ) over the SFT runs that "
+                         "memorised, per group of model, adapted modules, task, noise, schedule and budget; refuses "
+                         "lengths or ranks beyond those measured (train.py --rank auto calls the same planner)")
+    ap.add_argument("--tokens", type=int, metavar="N", help="answer tokens to store, for --plan-recall")
+    ap.add_argument("--width", type=int, metavar="W", help="--plan-recall: refuse ranks above W, the adapted "
+                                                           "modules' smallest width")
     a = ap.parse_args()
+    if a.plan_recall:
+        if not a.paths:
+            sys.exit("fitlaw: --plan-recall needs results files, e.g. python fitlaw.py --plan-recall --tokens 100 "
+                     "results/convergence/*.json")
+        if a.tokens is None or a.tokens <= 0:
+            sys.exit("fitlaw: --plan-recall needs --tokens N, the number of answer tokens to store (a positive integer)")
+        if a.width is not None and a.width <= 0:
+            sys.exit(f"fitlaw: --width {a.width}: give the adapted modules' smallest width, a positive integer")
+        try:
+            conditions = parse_where(a.where)
+        except ValueError as e:
+            sys.exit(f"fitlaw: {e}")
+        sys.exit(print_plans(a.paths, a.tokens, a.width, conditions))
     sys.exit(main(a.paths, a.x, a.json, a.holdout, a.seed, a.plan, a.length, a.target_delta, a.combine_noise,
                   a.plot, a.grid, a.max_runs, a.where, a.exclude_saturated, a.bootstrap, a.objective, a.at_step))

@@ -1186,14 +1186,14 @@ def planned_rank(cfg: Config, tokens: int, width: int) -> dict:
     import fitlaw
 
     paths = sorted(glob.glob(cfg.plan_from or PLAN_FROM, recursive=True))
-    plan = getattr(fitlaw, "plan_recall", None)
-    if plan is None:
-        return dict(rank=FIRST_RANK, planned=None, reason="fitlaw.plan_recall is not available")
-    try:
-        p = plan(paths, tokens, width, model=cfg.model)
+    n_layers = ModelArgs.from_config(read_config(resolve_model_dir(cfg.model))).n_layers
+    lcfg = resolve_lora(cfg.settled(), n_layers)
+    layers = sorted(set(lcfg["layers"])) if lcfg["layers"] is not None else list(range(n_layers))
+    try:  # runs of the same model, modules and layers: another adapter's capacity says nothing about this one
+        p = fitlaw.plan_recall(paths, tokens, width, model=cfg.model, targets=lcfg["targets"], layers=layers)
     except fitlaw.PlanError as e:
         return dict(rank=FIRST_RANK, planned=None, reason=str(e))
-    return dict(rank=p["rank"], planned=p["rank"], fit=p["fit"], runs=p["runs"])
+    return dict(rank=p["rank"], planned=p["rank"], fit=p["fit"], group=p["group"], runs=p["runs"])
 
 
 def plan_line(plan: dict, tokens: int) -> str:

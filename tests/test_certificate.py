@@ -75,9 +75,10 @@ def test_rank_ladder_doubles_up_to_the_cap():
     assert train.rank_ladder(100, 32) == [32] and train.rank_ladder(32, 32) == [32]
 
 
-def test_no_plan_starts_from_rank_4(tmp_path):
-    """No results to plan from: the planner refuses (or is not there yet), and --rank auto says why."""
-    cfg = train.Config(rank="auto", until_recalled=True, plan_from=str(tmp_path / "none" / "*.json"))
+def test_no_plan_starts_from_rank_4(tiny_chat, tmp_path):
+    """No results to plan from: the planner refuses, and --rank auto says why."""
+    cfg = train.Config(model=str(tiny_chat), rank="auto", until_recalled=True,
+                       plan_from=str(tmp_path / "none" / "*.json"))
     plan = train.planned_rank(cfg, tokens=74, width=192)
     assert plan["rank"] == train.FIRST_RANK == 4 and plan["planned"] is None and plan["reason"]
     line = train.plan_line(plan, 74)
@@ -86,7 +87,7 @@ def test_no_plan_starts_from_rank_4(tmp_path):
 
 def planner_at(rank: int):
     """A stand-in for fitlaw.plan_recall that always plans `rank` (the growth, not the planner, is under test)."""
-    return lambda paths, tokens, width, model=None: dict(rank=rank, fit="stand-in", runs=[])
+    return lambda paths, tokens, width, **which: dict(rank=rank, fit="stand-in", group="stand-in", runs=[])
 
 
 def auto_argv(tiny_chat, data, out, *more):
