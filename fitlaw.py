@@ -411,8 +411,23 @@ def plan_groups(runs) -> dict:
     return groups
 
 
+def spans(values) -> str:
+    """A list as text, runs of consecutive integers shortened: [0, 1, 2, 3, 7] -> "0-3,7"; names joined."""
+    values = list(values)
+    if not all(isinstance(v, int) for v in values):
+        return ",".join(map(str, values))
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(f"{values[i]}-{values[j]}" if j > i else str(values[i]))
+        i = j + 1
+    return ",".join(out)
+
+
 def group_label(key) -> str:
-    return ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in zip(PLAN_KEY, key))
+    return ", ".join(f"{k}={spans(v) if isinstance(v, tuple) else v}" for k, v in zip(PLAN_KEY, key))
 
 
 def plan_recall(paths, tokens: int, width: int | None = None, model: str | None = None,
@@ -431,8 +446,7 @@ def plan_recall(paths, tokens: int, width: int | None = None, model: str | None 
     runs = [r for r in runs if all(v is None or r.get(k) == v for k, v in want.items())]
     groups = plan_groups(runs)
     if not groups:
-        named = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in want.items()
-                          if v is not None)
+        named = ", ".join(f"{k} {spans(v) if isinstance(v, list) else v}" for k, v in want.items() if v is not None)
         raise PlanError(f"no finished SFT runs{' with ' + named if named else ''} among {len(paths)} files; "
                         f"the planner has nothing to fit")
     plans, reasons = [], []
@@ -472,7 +486,7 @@ def print_plans(paths, tokens: int, width: int | None = None, where: list = ()) 
         except PlanError:
             continue
         planned += 1
-        print(f"\n{model}, targets {','.join(targets)}, layers {','.join(map(str, layers))}: planned rank "
+        print(f"\n{model}, targets {spans(targets)}, layers {spans(layers)}: planned rank "
               f"{best['rank']} (from the group with the largest budget that plans: {best['group']})")
     if not planned:
         print("fitlaw: no group can plan; the reasons are above", file=sys.stderr)

@@ -1106,7 +1106,7 @@ def until_recalled(cfg: Config) -> dict:
     plan, ranks = None, [cfg.rank]
     if cfg.rank == "auto":
         width = module_width(cfg.model, target_list(cfg.targets, PRESETS[cfg.preset]["targets"]))
-        tokens = facts(load_tokenizer(cfg.model), cfg.data).length
+        tokens = sum(len(e.answer) for e in facts(load_tokenizer(cfg.model), cfg.data).train)  # as results count them: with end-of-turn
         plan = planned_rank(cfg, tokens, width)
         ranks = rank_ladder(plan["rank"], min(cfg.max_rank or MAX_RANK, width))
         say(f"rank auto: {plan_line(plan, tokens)}; ranks to try {', '.join(map(str, ranks))} (cap: --max-rank "

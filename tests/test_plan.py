@@ -122,3 +122,8 @@ def test_rank_auto_starts_at_the_planned_rank(tiny_chat, tmp_path):
     plan = train.planned_rank(cfg, tokens=12, width=32)
     assert plan["rank"] == plan["planned"] == 3 and len(plan["runs"]) == 12  # 4·r = 12
     assert train.plan_line(plan, 12).startswith("the planner gives rank 3 for 12 answer tokens (held tokens = 4·r^1")
+
+
+def test_layer_lists_print_as_spans():
+    assert fitlaw.spans([0, 1, 2, 3, 7, 9, 10]) == "0-3,7,9-10" and fitlaw.spans([20]) == "20"
+    assert fitlaw.spans(["q_proj", "v_proj"]) == "q_proj,v_proj"
