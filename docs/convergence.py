@@ -24,6 +24,8 @@ from fitlaw import at_step, bootstrap, fit_law, lack_of_fit, saturated  # noqa: 
 VOCAB = 49152  # the built-in model's vocabulary
 BUDGET_RANKS, BUDGET_LENGTH = (1, 4, 16), 100
 GRID_RANKS, GRID_LENGTHS = (1, 2, 4, 8, 16, 32), (25, 50, 100, 200)
+DENSITY_RHOS, DENSITY_RANKS, DENSITY_LENGTHS = (0.0, 0.4, 1.0), (1, 4, 16), (25, 50, 100)  # stage 5 (ρ = 1: stage 2)
+PB_RANKS, PB_LENGTHS = (1, 2, 4, 8, 16), (80, 160, 320)  # stage 6: books of 8, 16 and 32 numbers
 N_BOOT = 1000  # bootstrap resamples for the exponents' intervals, as fitlaw.py by default
 SUMMARY_KEYS = ("name", "task", "noise", "length", "rank", "params", "method", "seed", "data_seed", "steps",
                 "stop_reason", "loss_init", "loss_final", "delta_loss", "token_acc", "exact_match", "stubborn",
@@ -31,11 +33,14 @@ SUMMARY_KEYS = ("name", "task", "noise", "length", "rank", "params", "method", "
 
 
 def load(folder: Path) -> list[dict]:
-    """Every results file in `folder` (not its run subfolders), each with its file name as _file."""
+    """Every results file in `folder` and in its memft/ folder (stages 3 and 4), not in the runs' own
+    folders, each with its file name as _file."""
     runs = []
-    for f in sorted(folder.glob("*.json")):
+    for f in sorted(folder.glob("*.json")) + sorted((folder / "memft").glob("*.json")):
+        if f.name == "sampling.json":
+            continue
         run = json.loads(f.read_text())
-        run["_file"] = f.name
+        run["_file"], run["_memft"] = f.name, f.parent.name == "memft"
         runs.append(run)
     return runs
 
@@ -126,15 +131,16 @@ def budget_curve(runs: list[dict], figures: Path) -> list[str]:
             "![budget curve](budget_curve.png)", ""]
 
 
-def law_at(runs: list[dict], step: int, drop_saturated: bool = False) -> dict | None:
-    """The law fitted to the grid as it stood at step T (fitlaw.at_step), with bootstrap intervals and
-    the lack-of-fit test; None when the points cannot determine it (the reason is in 'error')."""
-    at, missing = at_step(runs, step)
+def law_at(runs: list[dict], step: int | None, drop_saturated: bool = False) -> dict:
+    """The law fitted to the grid as it stood at step T (fitlaw.at_step; None: as the runs ended), with
+    bootstrap intervals and the lack-of-fit test; 'error' says why when the points cannot determine it."""
+    at, missing = at_step(runs, step) if step is not None else (runs, 0)
     if drop_saturated:
         bad = {(r["rank"], r["length"]) for r in at if saturated(r)}
         at = [r for r in at if (r["rank"], r["length"]) not in bad]
     r, l, d = (np.array([x[k] for x in at], float) for k in ("rank", "length", "delta_loss"))
-    out = dict(step=step, runs=len(at), points=len({(x["rank"], x["length"]) for x in at}), missing=missing)
+    out = dict(step="end" if step is None else step, runs=len(at), points=len({(x["rank"], x["length"]) for x in at}),
+               missing=missing)
     try:
         fit = fit_law(r, l, d)
     except ValueError as e:
@@ -334,6 +340,80 @@ def capacity(runs: list[dict]) -> list[str]:
                    "bits/param (Morris)"], rows), ""]
 
 
+def mini_grid(runs: list[dict], task: str, noise: float | None, ranks: tuple, lengths: tuple) -> list[dict]:
+    """SFT runs of stages 5 and 6 (and stage 2's at ρ = 1): constant lr, data seed 0, no paper schedule,
+    not the MemFT folder's; PhoneBook at batch 8."""
+    return [r for r in runs if r["task"] == task and r.get("noise") == noise and r["method"] == "sft"
+            and r.get("schedule") == "constant" and r.get("data_seed") == 0 and not r.get("paper_schedule")
+            and not r["_memft"] and r["rank"] in ranks and r["length"] in lengths
+            and (task != "phonebook" or r.get("batch_size") == 8) and (task != "longctx" or r.get("budget") == 2000)]
+
+
+def cells(sel: list[dict], ranks: tuple, lengths: tuple, metric: str) -> list[list]:
+    """Per ℓ and rank: the seed mean of `metric` / runs recalled entirely (steps to that, per seed)."""
+    rows = []
+    for L in lengths:
+        row = [L]
+        for rank in ranks:
+            s = by_seed(sel, rank, L)
+            if not s:
+                row.append(None)
+                continue
+            t = [steps_to_recall(x) for x in s]
+            steps = " / ".join("–" if a is None else ("" if exact else "≤") + str(a) for a, exact in t)
+            row.append(f"{np.mean([x[metric] for x in s]):.2f} / {sum(x['exact_match'] == 1.0 for x in s)} of "
+                       f"{len(s)} ({steps})")
+        rows.append(row)
+    return rows
+
+
+LAW_HEADER = ["T", "runs", "points", "C [95% CI]", "α", "β", "b", "R²", "MAPE %", "lack of fit vs seed spread"]
+
+
+def density(runs: list[dict]) -> list[str]:
+    """Stage 5: ρ ∈ {0, 0.4} beside ρ = 1 at ranks {1, 4, 16} × ℓ {25, 50, 100}: recall, and the law per ρ
+    at step 50 (saturated points dropped) and at the end, and over all ρ together (fitlaw --combine-noise)."""
+    by_rho = {rho: mini_grid(runs, "longctx", rho, DENSITY_RANKS, DENSITY_LENGTHS) for rho in DENSITY_RHOS}
+    if not by_rho[0.0] and not by_rho[0.4]:
+        return []
+    out = ["### Stage 5: text density", "",
+           "Natural text (ρ = 0: the bundled prose), ρ = 0.4 (40% of its tokens replaced by random ids) and "
+           "random ids (ρ = 1, stage 2's runs) at ranks {1, 4, 16} × ℓ {25, 50, 100}, 2000 steps at a constant "
+           "lr 1e-2 or until memorised, data seed 0. Each cell: mean token accuracy / runs recalled exactly "
+           "(the step each seed's run recalled its answer; –: not within the budget).", ""]
+    for rho, sel in by_rho.items():
+        if sel:
+            out += [f"ρ = {rho:g}:", "", table(["ℓ"] + [f"r={r}" for r in DENSITY_RANKS],
+                                                   cells(sel, DENSITY_RANKS, DENSITY_LENGTHS, "token_acc")), ""]
+    rows = []
+    for label, sel in [(f"ρ = {rho:g}", sel) for rho, sel in by_rho.items() if sel] + \
+                      [("all ρ together", [r for sel in by_rho.values() for r in sel])]:
+        for fit in (law_at(sel, 50, drop_saturated=True), law_at(sel, 2000)):
+            rows.append([label] + law_rows([fit])[0])
+    out += ["The law per density, at step 50 with saturated points dropped and at the end with every point. "
+            "\"All ρ together\" averages the densities at each (rank, ℓ), as `fitlaw.py --combine-noise` does; "
+            "its lack of fit is then against the spread over ρ and seeds.", "",
+            table(["data"] + LAW_HEADER, rows), ""]
+    return out
+
+
+def phonebook_law(runs: list[dict]) -> list[str]:
+    """Stage 6: nested PhoneBooks of 8, 16 and 32 numbers × ranks {1, 2, 4, 8, 16}: numbers recalled, and
+    the law at step 100 (saturated points dropped) and at the end of 200 epochs."""
+    sel = mini_grid(runs, "phonebook", None, PB_RANKS, PB_LENGTHS)
+    if not sel:
+        return []
+    rows = [["step 100, saturated points dropped"] + law_rows([law_at(sel, 100, drop_saturated=True)])[0]]
+    rows.append(["end of 200 epochs, every point"] + law_rows([law_at(sel, None)])[0])
+    return ["### Stage 6: a PhoneBook law", "",
+            "Nested books (each a prefix of the next) of 8, 16 and 32 ten-digit numbers (ℓ = 80, 160, 320 digit "
+            "tokens) × ranks {1, 2, 4, 8, 16}, batch 8, 200 epochs (200, 400 and 800 steps) at a constant lr 1e-2 "
+            "or until memorised, data seed 0. Each cell: the mean fraction of numbers recalled exactly / runs "
+            "that recalled every number (the step of that, per seed).", "",
+            table(["ℓ"] + [f"r={r}" for r in PB_RANKS], cells(sel, PB_RANKS, PB_LENGTHS, "exact_match")), "",
+            table(["when"] + LAW_HEADER, rows), ""]
+
+
 def paired(a: list[float], b: list[float]) -> str:
     """b − a over paired seeds: mean ± sd, wins/ties/losses, and two-sided Wilcoxon, sign and t tests."""
     from scipy.stats import binomtest, ttest_rel, wilcoxon
@@ -363,7 +443,7 @@ def memft(runs: list[dict], label: str) -> list[str]:
     key, metric, what = MEMFT[label]
     arms = {}
     for r in runs:
-        if (r["task"], r.get("noise"), r["length"], r["rank"], r.get("budget")) == key and \
+        if (r["task"], r.get("noise"), r["length"], r["rank"], r.get("budget")) == key and r["_memft"] and \
                 r.get("schedule") == "constant" and r.get("data_seed") == r["seed"] and not r.get("paper_schedule"):
             arms.setdefault(r["method"], {})[r["seed"]] = r
     seeds = sorted(set.intersection(*(set(v) for v in arms.values()))) if len(arms) == 3 else []
@@ -442,7 +522,7 @@ def stages(runs: list[dict], folder: Path) -> list[str]:
     lc_key, _, _ = MEMFT["long context"]
     pb_key, _, _ = MEMFT["PhoneBook"]
     arm = lambda key: sum((r["task"], r.get("noise"), r["length"], r["rank"], r.get("budget")) == key  # noqa: E731
-                          and r.get("data_seed") == r["seed"] for r in runs)
+                          and r.get("data_seed") == r["seed"] and r["_memft"] for r in runs)
     probes = len(grid_runs(runs, lengths=None)) - len(grid)
     sampled = folder / "sampling.json"
     rows = [["1. budget curve: ranks {1, 4, 16} at ℓ = 100, 2000 steps", "6",
@@ -453,7 +533,11 @@ def stages(runs: list[dict], folder: Path) -> list[str]:
              arm(lc_key)],
             ["4. MemFT vs SFT, PhoneBook: 32 numbers, rank 2, batch 8, 200 epochs, 5 paired seeds × 3 methods", "15",
              arm(pb_key)],
-            ["capacity by bisection over ℓ (`docs/capacity.py`)", "–", probes],
+            ["5. density: ρ {0, 0.4} × ranks {1, 4, 16} × ℓ {25, 50, 100}, 2 seeds", "36",
+             sum(len(mini_grid(runs, "longctx", rho, DENSITY_RANKS, DENSITY_LENGTHS)) for rho in (0.0, 0.4))],
+            ["6. PhoneBook law: 8, 16, 32 numbers × ranks {1, 2, 4, 8, 16}, 2 seeds", "30",
+             len(mini_grid(runs, "phonebook", None, PB_RANKS, PB_LENGTHS))],
+            ["7. capacity by bisection over ℓ (`docs/capacity.py`; ranks 1 and 2)", "–", probes],
             ["recall under sampling (`docs/sampling.py`)", "–",
              len(json.loads(sampled.read_text())["rows"]) if sampled.exists() else 0]]
     return ["### Progress", "", table(["stage", "runs planned", "runs done"], rows), ""]
@@ -466,6 +550,8 @@ def report(folder: Path, figures: Path) -> list[str]:
         return ["No convergence runs yet: `bash docs/reproduce.sh` writes them into results/convergence/.", ""]
     (folder / "summary.csv").write_text(summary_csv(runs))
     hours = sum(r.get("wall_s", r.get("time_s", 0.0)) for r in runs) / 3600
-    return (stages(runs, folder) + budget_curve(runs, figures) + law_by_budget(runs, figures) + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + memft(runs, "long context") + memft(runs, "PhoneBook") + sampling(folder)
+    return (stages(runs, folder) + budget_curve(runs, figures) + law_by_budget(runs, figures)
+            + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + density(runs) + phonebook_law(runs)
+            + memft(runs, "long context") + memft(runs, "PhoneBook") + sampling(folder)
             + [f"{len(runs)} runs, {hours:.1f} h of summed wall time (one thread each, two chains side by side); "
                f"one row per run in results/convergence/summary.csv.", ""])

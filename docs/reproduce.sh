@@ -44,10 +44,12 @@ law_grid() {  # $1: training seed
 # token accuracy 0.54 at step 1000, 0.68 at 2000, seed 0). Five paired seeds: seed i trains all three
 # methods on data seed i, so each pair differs only in the method. A fixed budget of 1000 steps at a
 # constant lr (snapshots give the curves), stopping once memorised.
+# MemFT runs go to their own folder: a run's name does not carry its budget, so stage 3's seed-0 SFT run
+# would otherwise take the name of stage 2's 2000-step run at the same rank and length.
 memft_lc() {  # $1: comma list of seeds
   $PY train.py --task longctx --noise 1.0 --length 50 --rank 1 --methods sft,ot,sw --seeds "$1" \
     --schedule constant --steps 1000 --snapshots 100,200,300,500,700,1000 --stop-when-memorized --save-every 100 \
-    --out $OUT
+    --out $OUT/memft
 }
 
 # Stage 4, MemFT against SFT on PhoneBook, large enough that SW's curriculum switches on: 32 numbers
@@ -57,11 +59,36 @@ memft_lc() {  # $1: comma list of seeds
 memft_pb() {  # $1: comma list of seeds
   $PY train.py --task phonebook --length 320 --rank 2 --methods sft,ot,sw --seeds "$1" --batch-size 8 \
     --epochs 200 --schedule constant --snapshots 100,200,400,600,800 --stop-when-memorized --save-every 100 \
+    --out $OUT/memft
+}
+
+# Stage 5, the density study: natural text (ρ = 0, the bundled prose) and ρ = 0.4 beside stage 2's random
+# ids (ρ = 1), at ranks {1, 4, 16} × ℓ {25, 50, 100}, with stage 2's settings.
+density() {  # $1: training seed
+  local rho
+  for rho in 0.0 0.4; do
+    $PY train.py --task longctx --noise $rho --lengths 25,50,100 --ranks 1,4,16 --seed "$1" --data-seed 0 \
+      --schedule constant --steps 2000 --snapshots $SNAPS --stop-when-memorized --save-every 100 --out $OUT
+  done
+}
+
+# Stage 6, a PhoneBook law: nested books of 8, 16 and 32 numbers (ℓ = 80, 160, 320 digits; each book a
+# prefix of the next) × ranks {1, 2, 4, 8, 16}, batch 8, 200 epochs (200, 400 and 800 steps) at a constant
+# lr 1e-2, stopping once memorised; data seed 0.
+pb_law() {  # $1: training seed
+  $PY train.py --task phonebook --lengths 80,160,320 --ranks 1,2,4,8,16 --seed "$1" --data-seed 0 --batch-size 8 \
+    --epochs 200 --schedule constant --snapshots 100,200,400,600,800 --stop-when-memorized --save-every 100 \
     --out $OUT
 }
 
-chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4 && memft_pb 0,2,4; }
-chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3 && memft_pb 1,3; }
+# Stage 7, capacity by bisection (docs/capacity.py): the longest ℓ that both training seeds recall, between
+# stage 2's longest held and shortest lost lengths, to within 20%.
+capacity() {  # $1: rank
+  $PY docs/capacity.py --rank "$1" --tolerance 0.2 --python $PY
+}
+
+chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4 && memft_pb 0,2,4 && density 0 && pb_law 0 && capacity 1; }
+chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3 && memft_pb 1,3 && density 1 && pb_law 1 && capacity 2; }
 chain1 > $OUT/chain1.log 2>&1 &
 chain2 > $OUT/chain2.log 2>&1
 wait
