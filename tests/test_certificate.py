@@ -137,6 +137,27 @@ def test_rank_auto_stops_at_the_width_and_a_rerun_reuses_the_attempts(tiny_chat,
         assert cert["overall"]["facts_stored"] == 0 and not any(x["exact"] for x in cert["facts"])
 
 
+def test_batched_certificate_numbers_equal_one_fact_at_a_time(tiny_chat, tmp_path):
+    """fact_reports decodes and measures facts of equal length together; the plain path is generate() and
+    token_margins() per fact. Replies, exactness, min p and margins agree (random weights: any replies)."""
+    from model import load_model
+
+    f = write_jsonl(tmp_path / "staff.jsonl", STAFF)
+    tok = load_tokenizer(str(tiny_chat))
+    ex = facts(tok, f).train
+    assert len({(len(e.prompt), len(e.answer)) for e in ex}) < len(ex)  # some facts do share a batch
+    model = load_model(str(tiny_chat))
+    model.eval()
+    got = ev.fact_reports(model, tok, ex, ev.read_facts(f))
+    for e, g in zip(ex, got):
+        reply = ev.generate(model, e.prompt, len(e.answer) + 8, eos_id=tok.eos_id)
+        p, margin = ev.token_margins(model, e)
+        assert g["reply"] == tok.decode(reply, skip_special_tokens=True) and g["exact"] == (reply == e.answer)
+        assert g["min_prob"] == pytest.approx(float(p.min()), abs=1e-5)
+        assert g["margin"] == pytest.approx(float(margin.min()), abs=1e-5)
+        assert (g["min_prob_position"], g["margin_position"]) == (int(p.argmin()), int(margin.argmin()))
+
+
 # ----------------------------------------------------------------------------- built-in model, end to end
 
 
