@@ -17,28 +17,18 @@ region then waits for the scheduler: two-thread timings can come out several tim
 both sides. OMP_WAIT_POLICY=PASSIVE avoids that.
 """
 
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from common import emit, timed
 
 PROMPT = "Write a long, detailed essay about the history of Paris."
-
-
-def emit(**row) -> None:
-    print(json.dumps(row), flush=True)
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 def main(new_tokens: int, repeats: int, warmup: int, convert: bool, threads: int) -> None:

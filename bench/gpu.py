@@ -17,15 +17,14 @@ on the target device: no download, nothing read from disk. Each measurement prin
                  so tokens/s cannot exceed bandwidth / those bytes.
 """
 
-import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from common import best_seconds, emit
 
 SHAPES = {  # Hugging Face config.json fields
     "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
@@ -38,28 +37,6 @@ SHAPES = {  # Hugging Face config.json fields
 }
 NOMINAL_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0}  # dense
 RANK = 16
-
-
-def emit(**row) -> None:
-    print(json.dumps(row), flush=True)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats: int) -> float:
-    """Best wall seconds of `repeats` calls, after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def random_model(shape: str, device, dtype):
@@ -86,12 +63,12 @@ def peaks(device, dtype) -> tuple[float, float]:
     """(matmul TFLOP/s, copy GB/s) measured here."""
     n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    tflops = 2 * n**3 / timed(lambda: a @ b, device, 10) / 1e12
+    tflops = 2 * n**3 / best_seconds(lambda: a @ b, 10, device) / 1e12
     del a, b
     size = 2**30 if device.type == "cuda" else 2**26  # bytes
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    gbs = 2 * size / timed(lambda: dst.copy_(src), device, 10) / 1e9  # read + write
+    gbs = 2 * size / best_seconds(lambda: dst.copy_(src), 10, device) / 1e9  # read + write
     return tflops, gbs
 
 
@@ -116,7 +93,7 @@ def train_step(model, args, answer_tokens: int, device, repeats: int, peak_tflop
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    s = timed(step, device, repeats)
+    s = best_seconds(step, repeats, device)
     T = 64 + answer_tokens - 1
     n_lora = sum(p.numel() for p in lora_parameters(model))
     flops = step_flops(args, T, 0, 0, answer_tokens, n_lora)
@@ -135,8 +112,8 @@ def decode(model, args, new_tokens: int, device, gbs: float) -> None:
     from eval import greedy
 
     prompt = torch.randint(0, args.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1)).to(device)
-    t_prefill = timed(lambda: greedy(model, prompt, 1), device, 3)
-    t_all = timed(lambda: greedy(model, prompt, new_tokens + 1), device, 3)
+    t_prefill = best_seconds(lambda: greedy(model, prompt, 1), 3, device)
+    t_all = best_seconds(lambda: greedy(model, prompt, new_tokens + 1), 3, device)
     per_token = (t_all - t_prefill) / new_tokens
     read = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if args.tie_embeddings:  # the head is the embedding table, and it is read every token

@@ -23,7 +23,6 @@ region then waits for the scheduler: two-thread timings can come out several tim
 both sides. OMP_WAIT_POLICY=PASSIVE avoids that.
 """
 
-import json
 import random
 import statistics
 import sys
@@ -31,32 +30,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from common import best_seconds, emit, matmul_peak_gflops
 
 LAYER = 20  # the paper probes ~2/3 depth: layer 20 of 30 on the built-in model
 RANK = 16
-
-
-def emit(**row) -> None:
-    print(json.dumps(row), flush=True)
-
-
-def best_seconds(fn, repeats: int) -> float:
-    """Fastest of `repeats` calls of fn, after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best observed fp32 GFLOP/s of an (n, n) @ (n, n) product on the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
 def shapes_gflops(args, T: int, head_tokens: int, repeats: int = 5) -> float:
