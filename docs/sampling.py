@@ -9,7 +9,8 @@ no top-p) and counts those that reproduce it exactly, next to Π_t softmax(z_t /
 teacher-forced probability of the whole answer. The two must agree: sampling the answer token by token
 has exactly that probability. That agreement is an identity, a check of the sampler, not evidence
 about memory; the evidence is how small Π p becomes for answers that greedy decoding recalls
-perfectly. Writes results/convergence/sampling.json (atomically), read by docs/report.py.
+perfectly. Writes results/convergence/sampling.json (atomically), read by docs/report.py. Runs whose
+adapter folder is absent (adapters are not committed) are skipped with a line saying so.
 """
 
 import argparse
@@ -81,6 +82,10 @@ def main(k: int, temperatures: list[float], folder: Path, sample_seeds: set[int]
             continue
         kk = k if run["seed"] in sample_seeds else 0
         want = [t for t in temperatures if (run["name"], t, kk) not in have]
+        if want and not (folder / run["name"] / "adapter.json").is_file():
+            print(f"{run['name']}: no adapter in {folder / run['name']} (adapters are not committed; they exist "
+                  f"where the run was trained), skipped", flush=True)
+            continue
         if want:
             done["rows"] += measure(run, folder / run["name"], kk, want)
             tmp = OUT.with_suffix(".tmp")
