@@ -173,24 +173,31 @@ def teacher_forced(model, examples: list[Example], pad_id: int, batch_size: int 
     return out
 
 
+def same_length_batches(keys: list, batch_size: int):
+    """Indices of `keys` grouped by equal key (a prompt length, or prompt and answer lengths), in chunks of
+    at most `batch_size`: batches that need no padding."""
+    by_key: dict = {}
+    for i, k in enumerate(keys):
+        by_key.setdefault(k, []).append(i)
+    for idx in by_key.values():
+        for k in range(0, len(idx), batch_size):
+            yield idx[k : k + batch_size]
+
+
 @torch.no_grad()
 def first_failures(model, examples: list[Example], batch_size: int = 32) -> list[int]:
     """Free-run greedy decoding from each prompt: the first answer position that differs (or ℓ)."""
     dev = model.lm_head.weight.device
-    res = {}
-    by_len: dict[tuple[int, int], list[Example]] = {}  # batch prompts of equal length, answers too
-    for e in examples:
-        by_len.setdefault((len(e.prompt), len(e.answer)), []).append(e)
-    for (_, A), group in by_len.items():
-        for i in range(0, len(group), batch_size):
-            g = group[i : i + batch_size]
-            prompts = torch.tensor([e.prompt for e in g], device=dev)
-            targets = torch.tensor([e.answer for e in g], device=dev)
-            out = greedy(model, prompts, A, targets=targets)  # (B, n <= A)
-            wrong = out != targets[:, : out.shape[1]]
-            for e, row in zip(g, wrong):
-                res[e.id] = int(row.nonzero()[0]) if bool(row.any()) else A
-    return [res[e.id] for e in examples]
+    res = [0] * len(examples)
+    for chunk in same_length_batches([(len(e.prompt), len(e.answer)) for e in examples], batch_size):
+        A = len(examples[chunk[0]].answer)
+        prompts = torch.tensor([examples[i].prompt for i in chunk], device=dev)
+        targets = torch.tensor([examples[i].answer for i in chunk], device=dev)
+        out = greedy(model, prompts, A, targets=targets)  # (B, n <= A)
+        wrong = out != targets[:, : out.shape[1]]
+        for i, row in zip(chunk, wrong):
+            res[i] = int(row.nonzero()[0]) if bool(row.any()) else A
+    return res
 
 
 def evaluate(model, examples: list[Example], loss_init: list[torch.Tensor], pad_id: int, prefix=None,
@@ -259,17 +266,23 @@ DEFINITIONS = {
 }
 
 
+def p_and_margin(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., A, V) logits at the positions that predict the answer, (..., A) answer tokens -> the p of each
+    answer token and its margin over the most probable other token, both (..., A)."""
+    p = torch.softmax(logits.float(), dim=-1)
+    p_target = p.gather(-1, y[..., None])[..., 0]
+    runner_up = p.scatter(-1, y[..., None], -1.0).max(dim=-1).values  # the best of the other tokens
+    return p_target, p_target - runner_up
+
+
 @torch.no_grad()
 def token_margins(model, e: Example) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced p of each answer token (A,) and its margin over the most probable other token (A,)."""
     dev = model.lm_head.weight.device
     ids = torch.tensor([e.prompt + e.answer[:-1]], device=dev)
-    logits = model(ids)[0, len(e.prompt) - 1 :].float()  # (A, V): the positions that predict the answer
-    p = torch.softmax(logits, dim=-1)
-    y = torch.tensor(e.answer, device=dev)
-    p_target = p.gather(1, y[:, None])[:, 0]  # (A,)
-    runner_up = p.scatter(1, y[:, None], -1.0).max(dim=-1).values  # (A,) the best of the other tokens
-    return p_target.cpu(), (p_target - runner_up).cpu()
+    logits = model(ids)[0, len(e.prompt) - 1 :]  # (A, V): the positions that predict the answer
+    p_target, margin = p_and_margin(logits, torch.tensor(e.answer, device=dev))
+    return p_target.cpu(), margin.cpu()
 
 
 @torch.no_grad()
@@ -278,17 +291,12 @@ def replies(model, prompts: list[list[int]], max_new: list[int], eos_id=None, ba
     tokens, ending at the first `eos_id` (included). Prompts of equal length are decoded together."""
     dev = model.lm_head.weight.device
     out: list[list[int]] = [[] for _ in prompts]
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    for idx in by_len.values():
-        for k in range(0, len(idx), batch_size):
-            chunk = idx[k : k + batch_size]
-            toks = greedy(model, torch.tensor([prompts[i] for i in chunk], device=dev),
-                          max(max_new[i] for i in chunk), eos_id)  # (B, n)
-            for i, row in zip(chunk, toks.tolist()):
-                row = row[: max_new[i]]
-                out[i] = row[: row.index(eos_id) + 1] if eos_id in row else row
+    for chunk in same_length_batches([len(p) for p in prompts], batch_size):
+        toks = greedy(model, torch.tensor([prompts[i] for i in chunk], device=dev),
+                      max(max_new[i] for i in chunk), eos_id)  # (B, n)
+        for i, row in zip(chunk, toks.tolist()):
+            row = row[: max_new[i]]
+            out[i] = row[: row.index(eos_id) + 1] if eos_id in row else row
     return out
 
 
@@ -297,19 +305,13 @@ def margins(model, examples: list[Example], batch_size: int = 32) -> list[tuple[
     """token_margins of every example; those of equal prompt and answer length in one forward pass."""
     dev = model.lm_head.weight.device
     out: list = [None] * len(examples)
-    by_len: dict[tuple[int, int], list[int]] = {}
-    for i, e in enumerate(examples):
-        by_len.setdefault((len(e.prompt), len(e.answer)), []).append(i)
-    for (P, _), idx in by_len.items():
-        for k in range(0, len(idx), batch_size):
-            chunk = idx[k : k + batch_size]
-            ids = torch.tensor([examples[i].prompt + examples[i].answer[:-1] for i in chunk], device=dev)
-            p = torch.softmax(model(ids)[:, P - 1 :].float(), dim=-1)  # (B, A, V): the positions predicting the answer
-            y = torch.tensor([examples[i].answer for i in chunk], device=dev)  # (B, A)
-            p_target = p.gather(2, y[..., None])[..., 0]  # (B, A)
-            runner_up = p.scatter(2, y[..., None], -1.0).max(dim=-1).values  # (B, A)
-            for i, pt, ru in zip(chunk, p_target.cpu(), runner_up.cpu()):
-                out[i] = (pt, pt - ru)
+    for chunk in same_length_batches([(len(e.prompt), len(e.answer)) for e in examples], batch_size):
+        P = len(examples[chunk[0]].prompt)
+        ids = torch.tensor([examples[i].prompt + examples[i].answer[:-1] for i in chunk], device=dev)
+        y = torch.tensor([examples[i].answer for i in chunk], device=dev)  # (B, A)
+        p_target, margin = p_and_margin(model(ids)[:, P - 1 :], y)  # (B, A) each, from the positions predicting y
+        for i, pt, m in zip(chunk, p_target.cpu(), margin.cpu()):
+            out[i] = (pt, m)
     return out
 
 

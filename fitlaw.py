@@ -441,14 +441,21 @@ def plan_recall(paths, tokens: int, width: int | None = None, model: str | None 
     and of those the largest rank. Returns dict(rank, exact, K, gamma, fit, points, measured_rank, runs,
     group). Raises PlanError with the reason when no group can plan."""
     runs, _ = load_runs(paths)
+    return best_plan(runs, tokens, width, model, targets, layers, files=len(paths))
+
+
+def best_plan(runs, tokens: int, width: int | None = None, model: str | None = None, targets: list | None = None,
+              layers: list | None = None, files: int | None = None) -> dict:
+    """plan_recall over runs already loaded (load_runs); `files` counts them in the message when none fits."""
+    files = len(runs) if files is None else files
     want = dict(model=model, targets=None if targets is None else list(targets),
                 layers=None if layers is None else list(layers))
     runs = [r for r in runs if all(v is None or r.get(k) == v for k, v in want.items())]
     groups = plan_groups(runs)
     if not groups:
         named = ", ".join(f"{k} {spans(v) if isinstance(v, list) else v}" for k, v in want.items() if v is not None)
-        raise PlanError(f"no finished SFT runs{' with ' + named if named else ''} among {len(paths)} files; "
-                        f"the planner has nothing to fit")
+        raise PlanError(f"no finished SFT runs{' with ' + named if named else ''} among "
+                        f"{files} files; the planner has nothing to fit")
     plans, reasons = [], []
     for key, members in groups.items():
         try:
@@ -482,7 +489,7 @@ def print_plans(paths, tokens: int, width: int | None = None, where: list = ()) 
     planned = 0
     for model, targets, layers in sorted({(k[0], k[1], k[2]) for k in groups}, key=str):
         try:
-            best = plan_recall([r["_path"] for r in runs], tokens, width, model, targets, layers)
+            best = best_plan(runs, tokens, width, model, targets, layers)
         except PlanError:
             continue
         planned += 1

@@ -54,9 +54,7 @@ def table(header: list[str], rows: list[list]) -> str:
 def grid_runs(runs: list[dict], lengths: tuple | None = GRID_LENGTHS) -> list[dict]:
     """The law grid: SFT on random text (ρ = 1), constant lr, 2000-step budget, data seed 0 (lengths
     None: also the lengths that docs/capacity.py probed)."""
-    return [r for r in runs if r["task"] == "longctx" and r["noise"] == 1.0 and r["method"] == "sft"
-            and r.get("schedule") == "constant" and r.get("budget") == 2000 and r.get("data_seed") == 0
-            and r["rank"] in GRID_RANKS and (lengths is None or r["length"] in lengths)]
+    return mini_grid(runs, "longctx", 1.0, GRID_RANKS, lengths)
 
 
 def snapshot_steps(runs: list[dict]) -> list[int]:
@@ -340,12 +338,12 @@ def capacity(runs: list[dict]) -> list[str]:
                    "bits/param (Morris)"], rows), ""]
 
 
-def mini_grid(runs: list[dict], task: str, noise: float | None, ranks: tuple, lengths: tuple) -> list[dict]:
-    """SFT runs of stages 5 and 6 (and stage 2's at ρ = 1): constant lr, data seed 0, no paper schedule,
-    not the MemFT folder's; PhoneBook at batch 8."""
+def mini_grid(runs: list[dict], task: str, noise: float | None, ranks: tuple, lengths: tuple | None) -> list[dict]:
+    """SFT runs of stages 2, 5 and 6: constant lr, data seed 0, no paper schedule, not the MemFT folder's;
+    long context at a 2000-step budget, PhoneBook at batch 8; lengths None: any length."""
     return [r for r in runs if r["task"] == task and r.get("noise") == noise and r["method"] == "sft"
             and r.get("schedule") == "constant" and r.get("data_seed") == 0 and not r.get("paper_schedule")
-            and not r["_memft"] and r["rank"] in ranks and r["length"] in lengths
+            and not r["_memft"] and r["rank"] in ranks and (lengths is None or r["length"] in lengths)
             and (task != "phonebook" or r.get("batch_size") == 8) and (task != "longctx" or r.get("budget") == 2000)]
 
 
