@@ -90,17 +90,10 @@ def same_tokens(path: Path, model_dir: Path) -> bool:
 
 
 def batch_order(n: int, batch: int, steps: int, seed: int) -> list[list[int]]:
-    """Each step's fact indices: a seeded shuffle, then reshuffled every epoch (train.schedule's order for sft)."""
-    rng = random.Random(seed)
-    order = list(range(n))
-    rng.shuffle(order)
-    batches, epoch, B = [], 0, min(batch, n)
-    while len(batches) < steps:
-        active = order[:]
-        random.Random(seed * 100003 + epoch).shuffle(active)
-        batches += [active[i : i + B] for i in range(0, n, B)]
-        epoch += 1
-    return batches[:steps]
+    """Each step's fact indices, as train.py orders them for sft (train.schedule: reshuffled every epoch)."""
+    from train import Config, schedule
+
+    return [step[0] for step in schedule(n, Config(seed=seed, batch_size=batch, steps=steps), "sft", 0)]
 
 
 # ----------------------------------------------------------------------------- ours
