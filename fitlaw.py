@@ -18,15 +18,23 @@ spread gives a lack-of-fit F test. The fit starts from log-space linear fits and
 least squares. A group fails, with one line naming the reason, when the points cannot determine the
 four parameters: fewer than 2 ranks or 2 lengths, no more distinct points than parameters, or a
 near-singular Jacobian at the solution. Exit status is 0 only when every file loaded and every group
-fitted.
+fitted. --plot draws each fitted group, titled with its settings and the fitted law, and prints which
+file holds which group.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import math
+import os
+import re
 import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
-from scipy.optimize import least_squares
+import numpy.typing as npt
+from scipy.optimize import OptimizeResult, least_squares
 from scipy.stats import f as f_dist
 from scipy.stats import spearmanr
 
@@ -39,27 +47,33 @@ NAMES = ("C", "alpha", "beta", "b")
 SYMBOLS = dict(C="C", alpha="α", beta="β", b="b")
 SATURATED = 0.95  # --exclude-saturated: ΔL at or above this fraction of loss_init
 
+Run = dict[str, Any]  # one results file as load_runs returns it (train.py's keys and _path)
+Fit = dict[str, Any]  # fit_law's result: C, alpha, beta, b, r2, mape, n, points, cond, objective
+GroupKey = tuple[Any, ...]  # a run's values of KEY (or PLAN_KEY)
 
-def law(r, l, C, alpha, beta, b):
+
+def law(r: npt.ArrayLike, l: npt.ArrayLike, C: npt.ArrayLike, alpha: npt.ArrayLike, beta: npt.ArrayLike,
+        b: npt.ArrayLike) -> np.ndarray | float:
     """ΔL predicted by the memory law at rank (or params) r and answer length l."""
     return C * np.power(r, alpha) * np.power(l, -beta) + b
 
 
-def r_squared(y, yhat):
+def r_squared(y: npt.ArrayLike, yhat: npt.ArrayLike) -> float:
     """Coefficient of determination 1 − SS_res / SS_tot."""
     y, yhat = np.asarray(y, float), np.asarray(yhat, float)
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     return 1.0 - float(np.sum((y - yhat) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
 
 
-def mape(y, yhat):
+def mape(y: npt.ArrayLike, yhat: npt.ArrayLike) -> float:
     """Mean absolute percentage error in percent, over points with y ≠ 0."""
     y, yhat = np.asarray(y, float), np.asarray(yhat, float)
     keep = y != 0
     return float(np.mean(np.abs((y[keep] - yhat[keep]) / y[keep])) * 100) if keep.any() else float("nan")
 
 
-def log_start(r, l, dl, b0=0.0, sign=1.0):
+def log_start(r: npt.ArrayLike, l: npt.ArrayLike, dl: npt.ArrayLike, b0: float = 0.0,
+              sign: float = 1.0) -> list[float]:
     """Start (C, α, β, b0) from log(sign·(ΔL − b0)) ≈ log|C| + α log r − β log ℓ where that is defined."""
     r, l, dl = (np.asarray(v, float) for v in (r, l, dl))
     z = sign * (dl - b0)
@@ -71,7 +85,8 @@ def log_start(r, l, dl, b0=0.0, sign=1.0):
     return [sign * float(np.exp(logC)), float(alpha), float(beta), float(b0)]
 
 
-def replicate_means(r, l, y):
+def replicate_means(r: npt.ArrayLike, l: npt.ArrayLike, y: npt.ArrayLike
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Merge runs at the same (r, ℓ) in order of first appearance: (r, ℓ, mean y, count, point of each run)."""
     index, where = {}, []
     for key in zip(r, l):
@@ -83,7 +98,7 @@ def replicate_means(r, l, y):
     return pr, pl, ybar, counts, where
 
 
-def check_design(r, l, x="rank"):
+def check_design(r: npt.ArrayLike, l: npt.ArrayLike, x: str = "rank") -> None:
     """Raise ValueError naming each parameter the points cannot determine, before any fitting."""
     r, l = np.asarray(r, float), np.asarray(l, float)
     if len(r) == 0:
@@ -103,7 +118,7 @@ def check_design(r, l, x="rank"):
         raise ValueError("; ".join(problems))
 
 
-def _jacobian(r, l, p, w):
+def _jacobian(r: np.ndarray, l: np.ndarray, p: npt.ArrayLike, w: np.ndarray) -> np.ndarray:
     """d(w·law)/d(C, α, β, b) at p (4,) or (B, 4), w (m,) or (B, m): (m, 4) or (B, m, 4)."""
     p = np.asarray(p, float)
     C, alpha, beta = p[..., 0:1], p[..., 1:2], p[..., 2:3]
@@ -111,7 +126,7 @@ def _jacobian(r, l, p, w):
     return w[..., None] * np.stack([g, C * g * np.log(r), -C * g * np.log(l), np.ones_like(g)], axis=-1)
 
 
-def _cond(J):
+def _cond(J: np.ndarray) -> np.ndarray:
     """Condition number of J (..., n, 4) with columns scaled to unit norm; nan or inf when a column is 0."""
     with np.errstate(all="ignore"):
         Jn = J / np.linalg.norm(J, axis=-2, keepdims=True)
@@ -120,7 +135,7 @@ def _cond(J):
         return np.where(finite, s[..., 0] / s[..., -1], np.inf)
 
 
-def conditioning(r, l, p, w):
+def conditioning(r: np.ndarray, l: np.ndarray, p: npt.ArrayLike, w: np.ndarray) -> tuple[float, list[str]]:
     """Condition number of the column-normalised Jacobian, and the parameters in its weakest direction."""
     J = _jacobian(r, l, p, w)
     cond = float(_cond(J))
@@ -131,7 +146,8 @@ def conditioning(r, l, p, w):
     return cond, [NAMES[k] for k in np.flatnonzero(np.abs(vt[-1]) >= 0.3)]
 
 
-def _solve(r, l, y, w, p0, max_nfev):
+def _solve(r: np.ndarray, l: np.ndarray, y: np.ndarray, w: np.ndarray, p0: Sequence[float],
+           max_nfev: int) -> OptimizeResult | None:
     """One Levenberg–Marquardt fit of w·(law − y) from p0; None when it fails."""
     with np.errstate(all="ignore"):
         try:
@@ -142,7 +158,7 @@ def _solve(r, l, y, w, p0, max_nfev):
     return res if np.all(np.isfinite(res.x)) and np.isfinite(res.cost) else None
 
 
-def _weights(y, objective):
+def _weights(y: np.ndarray, objective: str) -> np.ndarray:
     """Residual weights: 1 for abs, 1/y for rel (so the objective is Σ((pred − y)/y)²)."""
     if objective == "abs":
         return np.ones_like(y)
@@ -153,7 +169,7 @@ def _weights(y, objective):
     raise ValueError(f"objective {objective!r}: choose abs or rel")
 
 
-def fit_law(r, l, dl, objective="abs", x="rank"):
+def fit_law(r: npt.ArrayLike, l: npt.ArrayLike, dl: npt.ArrayLike, objective: str = "abs", x: str = "rank") -> Fit:
     """Fit (C, α, β, b) to the mean ΔL per distinct (r, ℓ); raise ValueError when they are undetermined.
 
     Returns C, alpha, beta, b, r2 and mape (percent) over the point means, n (runs), points, cond (see
@@ -188,7 +204,7 @@ def fit_law(r, l, dl, objective="abs", x="rank"):
                 points=len(y), cond=cond, objective=objective)
 
 
-def lack_of_fit(r, l, dl, fit):
+def lack_of_fit(r: npt.ArrayLike, l: npt.ArrayLike, dl: npt.ArrayLike, fit: Fit) -> dict[str, Any]:
     """Lack-of-fit F test against the seed-to-seed (pure) error, and the seed spread; needs replicates.
 
     SS_pe = Σ_i Σ_j (y_ij − ȳ_i)², df_pe = N − m;  SS_lof = SS_res − SS_pe, df_lof = m − 4, with SS_res
@@ -218,14 +234,15 @@ def lack_of_fit(r, l, dl, fit):
     return out
 
 
-def lm_batch(r, l, y, W, p0, iters=400, tol=1e-10):
+def lm_batch(r: np.ndarray, l: np.ndarray, y: np.ndarray, W: np.ndarray, p0: Sequence[float], iters: int = 400,
+             tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
     """Levenberg–Marquardt for many weightings of the same points at once (the bootstrap's refits).
 
     Row k of W (B, m) weights the squared residuals: minimises Σ_i W[k, i]·(law(r_i, ℓ_i) − y_i)² for
     each k from p0. One scipy call per resample costs milliseconds of Python overhead; this does all B
     in numpy, iterating only the rows not yet converged. Returns p (B, 4) and converged (B,).
     """
-    def cost(p, W):
+    def cost(p: np.ndarray, W: np.ndarray) -> np.ndarray:
         c = np.sum(W * (law(r, l, p[:, :1], p[:, 1:2], p[:, 2:3], p[:, 3:]) - y) ** 2, axis=1)  # (B,)
         return np.where(np.isfinite(c), c, np.inf)
 
@@ -258,7 +275,8 @@ def lm_batch(r, l, y, W, p0, iters=400, tol=1e-10):
     return p, done & np.isfinite(c)
 
 
-def bootstrap(r, l, dl, fit, n_boot, seed=0):
+def bootstrap(r: npt.ArrayLike, l: npt.ArrayLike, dl: npt.ArrayLike, fit: Fit, n_boot: int,
+              seed: int = 0) -> dict[str, Any]:
     """Percentile 95% intervals from refits to the distinct points resampled with replacement.
 
     Each resample draws m of the m point means with replacement and refits from the full fit. Resamples
@@ -287,7 +305,8 @@ def bootstrap(r, l, dl, fit, n_boot, seed=0):
     return out
 
 
-def holdout_fit(r, l, dl, frac, seed=0, objective="abs"):
+def holdout_fit(r: npt.ArrayLike, l: npt.ArrayLike, dl: npt.ArrayLike, frac: float, seed: int = 0,
+                objective: str = "abs") -> tuple[Fit, float]:
     """Fit on a seeded random 1 − frac of the distinct points; return (fit, MAPE on the held-out rest).
 
     Replicates of a point stay together, so no held-out point was seen in training; MAPE is over the
@@ -307,7 +326,7 @@ def holdout_fit(r, l, dl, frac, seed=0, objective="abs"):
     return fit, mape(y[test], pred)
 
 
-def plan_rank(C, alpha, beta, b, length, target_delta):
+def plan_rank(C: float, alpha: float, beta: float, b: float, length: float, target_delta: float) -> float | None:
     """Smallest r with law(r, length) ≥ target_delta, or None when no r reaches it.
 
     The law is increasing in r only when C·α > 0. With C, α > 0 it rises from b to ∞, so any
@@ -332,12 +351,12 @@ class PlanError(ValueError):
     """The planner cannot answer from these runs; the message says why and what would let it."""
 
 
-def memorised(run) -> bool:
+def memorised(run: Run) -> bool:
     """Every answer recalled: the decoder's exact match is 1 and no answer token is at p ≤ 0.5."""
     return run.get("exact_match") == 1 and not run.get("stubborn")
 
 
-def capacity_points(runs) -> list[tuple[int, int, int | None]]:
+def capacity_points(runs: Iterable[Run]) -> list[tuple[int, int, int | None]]:
     """(rank, held, lost) per rank: `held` is the longest answer (in tokens) that every run of that length
     memorised, `lost` the shortest longer one that some run did not (None when none was tried or all held).
     Ranks with nothing held are left out."""
@@ -354,7 +373,7 @@ def capacity_points(runs) -> list[tuple[int, int, int | None]]:
     return points
 
 
-def fit_capacity(points) -> tuple[float, float]:
+def fit_capacity(points: Sequence[tuple[int, int, int | None]]) -> tuple[float, float]:
     """(K, γ) of held = K · r^γ, least squares in log-log over the (rank, held) points."""
     r = np.log([p[0] for p in points])
     n = np.log([p[1] for p in points])
@@ -362,7 +381,7 @@ def fit_capacity(points) -> tuple[float, float]:
     return float(np.exp(log_k)), float(gamma)
 
 
-def plan_group(runs, tokens: int, width: int | None = None) -> dict:
+def plan_group(runs: Sequence[Run], tokens: int, width: int | None = None) -> dict[str, Any]:
     """The smallest rank whose fitted capacity K·r^γ holds `tokens` answer tokens, from one group of runs.
 
     The fit uses the ranks whose capacity is bracketed: some length held by every run, and a longer one
@@ -400,7 +419,7 @@ def plan_group(runs, tokens: int, width: int | None = None) -> dict:
                 runs=sorted(r["_path"] for r in runs))
 
 
-def plan_groups(runs) -> dict:
+def plan_groups(runs: Iterable[Run]) -> dict[GroupKey, list[Run]]:
     """SFT runs with the fields a plan needs, grouped by PLAN_KEY (one adapter configuration, task and budget)."""
     groups = {}
     for run in runs:
@@ -411,7 +430,7 @@ def plan_groups(runs) -> dict:
     return groups
 
 
-def spans(values) -> str:
+def spans(values: Iterable[Any]) -> str:
     """A list as text, runs of consecutive integers shortened: [0, 1, 2, 3, 7] -> "0-3,7"; names joined."""
     values = list(values)
     if not all(isinstance(v, int) for v in values):
@@ -426,12 +445,13 @@ def spans(values) -> str:
     return ",".join(out)
 
 
-def group_label(key) -> str:
+def group_label(key: GroupKey) -> str:
+    """A PLAN_KEY group as text: key=value joined by ", ", lists shortened by spans."""
     return ", ".join(f"{k}={spans(v) if isinstance(v, tuple) else v}" for k, v in zip(PLAN_KEY, key))
 
 
-def plan_recall(paths, tokens: int, width: int | None = None, model: str | None = None,
-                targets: list | None = None, layers: list | None = None) -> dict:
+def plan_recall(paths: Sequence[str], tokens: int, width: int | None = None, model: str | None = None,
+                targets: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> dict[str, Any]:
     """The smallest rank at which `tokens` answer tokens are predicted to be recalled exactly, from the
     results files in `paths` (files that are not runs are skipped).
 
@@ -440,12 +460,13 @@ def plan_recall(paths, tokens: int, width: int | None = None, model: str | None 
     among the groups that can plan, the one with the largest budget (the nearest to convergence) answers,
     and of those the largest rank. Returns dict(rank, exact, K, gamma, fit, points, measured_rank, runs,
     group). Raises PlanError with the reason when no group can plan."""
-    runs, _ = load_runs(paths)
+    runs, _, _ = load_runs(paths)
     return best_plan(runs, tokens, width, model, targets, layers, files=len(paths))
 
 
-def best_plan(runs, tokens: int, width: int | None = None, model: str | None = None, targets: list | None = None,
-              layers: list | None = None, files: int | None = None) -> dict:
+def best_plan(runs: Sequence[Run], tokens: int, width: int | None = None, model: str | None = None,
+              targets: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+              files: int | None = None) -> dict[str, Any]:
     """plan_recall over runs already loaded (load_runs); `files` counts them in the message when none fits."""
     files = len(runs) if files is None else files
     want = dict(model=model, targets=None if targets is None else list(targets),
@@ -467,10 +488,12 @@ def best_plan(runs, tokens: int, width: int | None = None, model: str | None = N
     return max(plans, key=lambda p: (p["budget"] or 0, p["rank"]))
 
 
-def print_plans(paths, tokens: int, width: int | None = None, where: list = ()) -> int:
+def print_plans(paths: Sequence[str], tokens: int, width: int | None = None,
+                where: Sequence[tuple[str, Any]] = ()) -> int:
     """fitlaw.py --plan-recall: each group's capacity points and plan (or why not), then, per adapter
     configuration, the rank train.py --rank auto would start from. Exit status 0 when one plans."""
-    runs, errors = load_runs(paths)
+    runs, errors, others = load_runs(paths)
+    errors += others
     runs = [r for r in runs if matches(r, where)]
     groups = plan_groups(runs)
     print(f"recall plan for {tokens} answer tokens: {len(runs)} runs read ({len(errors)} other files skipped), "
@@ -500,7 +523,7 @@ def print_plans(paths, tokens: int, width: int | None = None, where: list = ()) 
     return 0 if planned else 1
 
 
-def spearman(earliest_stubborn, first_failure):
+def spearman(earliest_stubborn: Sequence[int | None], first_failure: Sequence[int | None]) -> tuple[float, int]:
     """Spearman ρ between paired positions, skipping pairs with a None; returns (rho, n)."""
     pairs = [(e, f) for e, f in zip(earliest_stubborn, first_failure) if e is not None and f is not None]
     if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
@@ -509,7 +532,7 @@ def spearman(earliest_stubborn, first_failure):
     return float(rho), len(pairs)
 
 
-def sample_spearman(runs):
+def sample_spearman(runs: Iterable[Run]) -> dict[str, Any]:
     """Spearman ρ(earliest stubborn, first failure) over the per-sample entries of runs, with and without (0, 0).
 
     Samples whose first answer token is already wrong give (0, 0); many of them make ρ look better
@@ -525,12 +548,14 @@ def sample_spearman(runs):
                 sample_spearman_n_no00=n0)
 
 
-def load_runs(paths, x="rank"):
-    """Read results files; return (runs, errors) where errors are one line per bad file.
+def load_runs(paths: Iterable[str], x: str = "rank") -> tuple[list[Run], list[str], list[str]]:
+    """Read results files; return (runs, errors, others): errors are one line per bad results file, others
+    the JSON objects that are not results files at all (no task, method or delta_loss: e.g. a study's
+    sampling.json beside its runs), which a glob over a results folder picks up and which are skipped.
 
     Fills the documented defaults of older files: schedule "linear", data_seed = seed, budget = steps.
     """
-    runs, errors = [], []
+    runs, errors, others = [], [], []
     for path in paths:
         try:
             with open(path) as f:
@@ -543,6 +568,9 @@ def load_runs(paths, x="rank"):
             continue
         if not isinstance(run, dict):
             errors.append(f"{path}: not a JSON object; expected one run per file")
+            continue
+        if not any(k in run for k in ("task", "method", "delta_loss")):
+            others.append(path)
             continue
         missing = [k for k in ("model", "task", "method", x, "length", "delta_loss") if run.get(k) is None]
         if missing:
@@ -560,14 +588,14 @@ def load_runs(paths, x="rank"):
         if run.get("budget") is None:  # older files: the planned steps were the steps run
             run["budget"] = run.get("steps")
         runs.append(dict(run, _path=path))
-    return runs, errors
+    return runs, errors, others
 
 
 SNAPSHOT_KEYS = ("delta_loss", "loss_final", "token_acc", "exact_match", "stubborn", "earliest_stubborn",
                  "first_failure", "per_sample")
 
 
-def at_step(runs, step):
+def at_step(runs: Iterable[Run], step: int) -> tuple[list[Run], int]:
     """Each run as it stood at its snapshot `step` (train.py --snapshots): its measurements then, and
     budget = step. A run that stopped memorised (--stop-when-memorized) before `step` has no snapshot
     there; it enters with its final measurements, since a memorised run only creeps on (ΔL by < 0.1%).
@@ -584,7 +612,7 @@ def at_step(runs, step):
     return out, missing
 
 
-def parse_where(items):
+def parse_where(items: Iterable[str]) -> list[tuple[str, Any]]:
     """["key=value", ...] -> [(key, value)], the value JSON-parsed when it parses (else the string)."""
     out = []
     for item in items:
@@ -599,12 +627,12 @@ def parse_where(items):
     return out
 
 
-def matches(run, where):
+def matches(run: Run, where: Iterable[tuple[str, Any]]) -> bool:
     """True when the run has every key with an equal value (1 matches 1.0; true does not match 1)."""
     return all(k in run and isinstance(run[k], bool) == isinstance(v, bool) and run[k] == v for k, v in where)
 
 
-def saturated(run):
+def saturated(run: Run) -> bool:
     """Memorised (exact_match == 1) or saturated (ΔL ≥ 0.95·loss_init): ΔL no longer measures capacity."""
     li = run.get("loss_init")
     return run.get("exact_match") == 1 or (isinstance(li, (int, float)) and run["delta_loss"] >= SATURATED * li)
@@ -613,7 +641,7 @@ def saturated(run):
 KEY = ("model", "task", "method", "noise", "preset", "budget", "schedule")
 
 
-def group_runs(runs, combine_noise=False):
+def group_runs(runs: Iterable[Run], combine_noise: bool = False) -> dict[GroupKey, list[Run]]:
     """Group runs by KEY (the study); noise becomes "combined" when merged."""
     groups = {}
     for run in runs:
@@ -622,15 +650,66 @@ def group_runs(runs, combine_noise=False):
     return dict(sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])))
 
 
-def drop_saturated(members, x):
+def drop_saturated(members: Sequence[Run], x: str) -> tuple[list[Run], int, int]:
     """Drop every point (all its replicates) where some run is saturated; return (kept, points, runs dropped)."""
     bad = {(m[x], m["length"]) for m in members if saturated(m)}
     kept = [m for m in members if (m[x], m["length"]) not in bad]
     return kept, len(bad), len(members) - len(kept)
 
 
-def plot_fit(runs, fit, x, path, title):
-    """Left: ΔL vs x on log-log axes per ℓ with fitted curves. Right: predicted vs true."""
+def group_description(key: GroupKey) -> str:
+    """A KEY group as KEY=value pairs, leaving out the settings a run did not have (None or empty)."""
+    return " ".join(f"{k}={v}" for k, v in zip(KEY, key) if v not in (None, "", [], ()))
+
+
+def _slug_part(k: str, v: Any) -> str:
+    """One setting in a file name: the value, with noise and budget marked (noise1.0, 2000steps)."""
+    if k == "noise":
+        return f"noise{v}"
+    if k == "budget":
+        return f"{v}steps"
+    return str(v).rstrip("/").rsplit("/", 1)[-1] if k == "model" else str(v)  # a model path: its last part
+
+
+def group_slugs(keys: Sequence[GroupKey]) -> list[str]:
+    """A short, filesystem-safe, unique name per group from the settings that differ between the groups:
+    longctx-sft-noise1.0-constant-2000steps. Settings a group lacks are left out; a clash gets -2, -3, ..."""
+    differ = [i for i in range(len(KEY)) if len({key[i] for key in keys}) > 1]
+    slugs: list[str] = []
+    for key in keys:
+        parts = [_slug_part(KEY[i], key[i]) for i in differ if key[i] not in (None, "", [], ())]
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)).strip("._-") or "group"
+        name, n = slug, 2
+        while name in slugs:
+            name, n = f"{slug}-{n}", n + 1
+        slugs.append(name)
+    return slugs
+
+
+def plot_paths(plot: str, keys: Sequence[GroupKey]) -> list[str]:
+    """--plot's file per group: the path itself for one group, else <stem>_<group slug><ext>."""
+    if len(keys) == 1:
+        return [plot]
+    stem, ext = os.path.splitext(plot)
+    return [f"{stem}_{slug}{ext}" for slug in group_slugs(keys)]
+
+
+X_SYMBOL = dict(rank="r", params="P")  # the law's variable for --x
+X_LABEL = dict(rank="LoRA rank r", params="trainable parameters P")
+
+
+def law_label(fit: Fit, x: str = "rank") -> str:
+    """The fitted law as text: ΔL = 53.2·r^0.335·ℓ^−0.703 + 0.67 (R² 0.992), each number to 3 figures."""
+    def num(v: float) -> str:
+        return f"{v + 0.0:.3g}".replace("-", "−")  # + 0.0 turns −0 into 0
+
+    sign = "−" if fit["b"] < 0 else "+"
+    return (f"ΔL = {num(fit['C'])}·{X_SYMBOL[x]}^{num(fit['alpha'])}·ℓ^{num(-fit['beta'])} {sign} "
+            f"{num(abs(fit['b']))} (R² {fit['r2']:.3f})")
+
+
+def plot_fit(runs: Sequence[Run], fit: Fit, x: str, path: str, title: str) -> None:
+    """Left: ΔL vs x on log-log axes per ℓ with the fitted law's curves. Right: predicted vs true."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -638,13 +717,15 @@ def plot_fit(runs, fit, x, path, title):
     l = np.array([run["length"] for run in runs], float)
     dl = np.array([run["delta_loss"] for run in runs], float)
     p = (fit["C"], fit["alpha"], fit["beta"], fit["b"])
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4.4))
+    fig.suptitle(title, fontsize=10)
     grid = np.geomspace(r.min(), r.max(), 100)
     for i, length in enumerate(np.unique(l)):
         m = l == length
         ax0.scatter(r[m], dl[m], color=f"C{i % 10}", label=f"ℓ={length:g}")
         ax0.plot(grid, law(grid, length, *p), color=f"C{i % 10}")
-    ax0.set(xscale="log", yscale="log", xlabel=x, ylabel="ΔL", title=title)
+    ax0.set(xscale="log", yscale="log", xlabel=X_LABEL[x], ylabel="ΔL")
+    ax0.set_title(law_label(fit, x), fontsize=9)
     ax0.legend(fontsize=7)
     pred = law(r, l, *p)
     lo, hi = min(pred.min(), dl.min()), max(pred.max(), dl.max())
@@ -657,7 +738,7 @@ def plot_fit(runs, fit, x, path, title):
     plt.close(fig)
 
 
-def plot_grid(runs, path, max_runs=4):
+def plot_grid(runs: Sequence[Run], path: str, max_runs: int = 4) -> None:
     """One strip per run: teacher-forced target probability per answer position (like Figure 5)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -693,13 +774,13 @@ def plot_grid(runs, path, max_runs=4):
     plt.close(fig)
 
 
-def _table(rows, header):
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     """Fixed-width text table."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in [header, *rows])
 
 
-def _details(o, x):
+def _details(o: dict[str, Any], x: str) -> list[str]:
     """The per-group lines under the table: intervals, seeds, lack of fit, per-sample Spearman."""
     g = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
     lines = [" ".join(f"{k}={o[k]}" for k in KEY) + f": {o['n']} runs at {o['points']} ({x}, length) points"]
@@ -730,10 +811,11 @@ def _details(o, x):
     return lines
 
 
-def main(paths: list, x: str = "rank", as_json: bool = False, holdout: float = None, seed: int = 0,
-         plan: bool = False, length: float = None, target_delta: float = None, combine_noise: bool = False,
-         plot: str = None, grid: str = None, max_runs: int = 4, where: list = (), exclude_saturated: bool = False,
-         n_boot: int = 1000, objective: str = "abs", step: int | None = None) -> int:
+def main(paths: Sequence[str], x: str = "rank", as_json: bool = False, holdout: float | None = None, seed: int = 0,
+         plan: bool = False, length: float | None = None, target_delta: float | None = None,
+         combine_noise: bool = False, plot: str | None = None, grid: str | None = None, max_runs: int = 4,
+         where: Sequence[str] = (), exclude_saturated: bool = False, n_boot: int = 1000, objective: str = "abs",
+         step: int | None = None) -> int:
     """Fit every group, print the results, return the exit status."""
     err = lambda msg: print(f"fitlaw: {msg}", file=sys.stderr)  # noqa: E731
     if not paths:
@@ -753,9 +835,11 @@ def main(paths: list, x: str = "rank", as_json: bool = False, holdout: float = N
     except ValueError as e:
         err(str(e))
         return 2
-    runs, errors = load_runs(paths, x)
+    runs, errors, others = load_runs(paths, x)
     for e in errors:
         err(e)
+    for o in others:
+        err(f"{o}: not a results file (no task, method or delta_loss); skipped")
     ok = not errors
     if conditions:
         n_all, runs = len(runs), [run for run in runs if matches(run, conditions)]
@@ -769,7 +853,9 @@ def main(paths: list, x: str = "rank", as_json: bool = False, holdout: float = N
         if not runs:
             ok = False
     out, groups = [], group_runs(runs, combine_noise)
-    for gi, (key, members) in enumerate(groups.items()):
+    targets = dict(zip(groups, plot_paths(plot, list(groups)))) if plot else {}
+    plotted: list[tuple[str, str]] = []  # (path, group description) per figure written
+    for key, members in groups.items():
         obj = dict(zip(KEY, key), x=x, objective=objective)
         label = ", ".join(f"{k}={v}" for k, v in zip(KEY, key))
         if exclude_saturated:
@@ -802,12 +888,12 @@ def main(paths: list, x: str = "rank", as_json: bool = False, holdout: float = N
             obj["plan"] = rp
             obj["plan_int"] = None if rp is None else max(1, math.ceil(round(rp, 9)))
         if plot:
-            stem, dot, ext = plot.rpartition(".")
-            target = plot if len(groups) == 1 else f"{stem}_{gi}.{ext}" if dot else f"{plot}_{gi}"
             try:
-                plot_fit(members, fit, x, target, " ".join(str(k) for k in key))
+                plot_fit(members, fit, x, targets[key], group_description(key))
+                plotted.append((targets[key], group_description(key)))
+                obj["plot"] = targets[key]
             except OSError as e:
-                err(f"--plot: cannot write {target} ({e.strerror}); check the directory")
+                err(f"--plot: cannot write {targets[key]} ({e.strerror}); check the directory")
                 ok = False
         out.append(obj)
     if grid:
@@ -822,8 +908,11 @@ def main(paths: list, x: str = "rank", as_json: bool = False, holdout: float = N
     if not runs and not errors and not conditions:
         err("no runs loaded")
         ok = False
+    plot_lines = [f"plot: {path}  {what}" for path, what in plotted]
     if as_json:
         print(json.dumps(out, indent=1))
+        if plot_lines:
+            print("\n".join(plot_lines), file=sys.stderr)
         return 0 if ok else 1
     header = list(KEY) + ["C", "alpha", "beta", "b", "R2", "MAPE", "n", "points"]
     header += ["holdout_MAPE"] * (holdout is not None) + [f"plan_{x}"] * plan
@@ -856,6 +945,8 @@ def main(paths: list, x: str = "rank", as_json: bool = False, holdout: float = N
     viol = [m["sufficient_violations"] for m in runs if m.get("sufficient_violations") is not None]
     if viol:
         print(f"sufficient-condition violations: {sum(viol)} over {len(viol)} runs (must be 0)")
+    if plot_lines:
+        print("\n".join(plot_lines))
     return 0 if ok else 1
 
 
@@ -877,11 +968,13 @@ if __name__ == "__main__":
   dropped_points, dropped_runs                     with --exclude-saturated
   holdout_mape, holdout_n                          with --holdout
   plan, plan_int                                   with --plan
+  plot                                             with --plot: the file this group's figure went to
   error                                            for a group that could not be fitted
-The text output prints the table, then these per group, then the run-level Spearman across all runs
-and the summed sufficient-condition violations.""")
+The text output prints the table, then these per group, then the run-level Spearman across all runs,
+the summed sufficient-condition violations and, with --plot, which file holds which group's figure.""")
     ap.add_argument("paths", nargs="*", help="results JSON files, one run each")
-    ap.add_argument("--x", choices=["rank", "params"], default="rank", help="fit against LoRA rank or params")
+    ap.add_argument("--x", choices=["rank", "params"], default="rank",
+                    help="the law's variable: the LoRA rank r, or params, the adapter's trainable parameters")
     ap.add_argument("--json", action="store_true", help="print a JSON list of groups (keys below)")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                     help="keep only runs whose KEY equals VALUE, VALUE read as JSON when it parses (seed=0, "
@@ -899,17 +992,27 @@ and the summed sufficient-condition violations.""")
                          "identifiable and reports how many were fitted; no interval when fewer than half were")
     ap.add_argument("--at-step", type=int, default=None, metavar="T",
                     help="fit each run as it stood at its snapshot at step T (train.py --snapshots), budget = T; "
-                         "with --schedule constant that equals a run of T steps")
+                         "with train.py --schedule constant that equals a run of T steps")
     ap.add_argument("--seed", type=int, default=0, help="seed for the bootstrap and the holdout split")
-    ap.add_argument("--holdout", type=float, help="fraction of the distinct points held out (replicates together) "
-                                                  "to report MAPE on; the table's fit still uses every point")
-    ap.add_argument("--plan", action="store_true", help="print the smallest rank/params reaching --target-delta")
-    ap.add_argument("--length", type=float, help="answer length ℓ for --plan")
-    ap.add_argument("--target-delta", type=float, help="target ΔL for --plan")
+    ap.add_argument("--holdout", type=float, metavar="FRAC",
+                    help="fraction of the distinct points held out (replicates together) to report MAPE on; the "
+                         "table's fit still uses every point")
+    ap.add_argument("--plan", action="store_true",
+                    help="add to each group the smallest rank (or params) whose predicted ΔL reaches --target-delta "
+                         "at answer length --length")
+    ap.add_argument("--length", type=float, metavar="L", help="answer length ℓ for --plan")
+    ap.add_argument("--target-delta", type=float, metavar="D", help="target ΔL for --plan")
     ap.add_argument("--combine-noise", action="store_true", help="merge noise levels into one 'combined' group")
-    ap.add_argument("--plot", help="PNG path for the fit figure (suffixed _<group index> when several groups)")
-    ap.add_argument("--grid", help="PNG path for the per-position probability grid")
-    ap.add_argument("--max-runs", type=int, default=4, help="runs drawn in --grid")
+    ap.add_argument("--plot", metavar="PATH",
+                    help="PNG of each group's fit: ΔL against rank (or params) per length with the fitted law, and "
+                         "predicted against true ΔL. One group is drawn to PATH itself; several, to one file each, "
+                         "named by PATH's stem and the settings that tell the groups apart, e.g. law.png -> "
+                         "law_longctx-sft-noise1.0-constant-2000steps.png. Prints 'plot: <file>  <group settings>' "
+                         "per file (to stderr with --json)")
+    ap.add_argument("--grid", metavar="PATH",
+                    help="PNG of the teacher-forced probability of each answer position, one strip per run, for "
+                         "the first --max-runs runs that stored per-sample probabilities")
+    ap.add_argument("--max-runs", type=int, default=4, metavar="N", help="how many runs --grid draws (default 4)")
     ap.add_argument("--plan-recall", action="store_true",
                     help="instead of fitting the law: the smallest rank at which --tokens answer tokens are predicted "
                          "to be recalled exactly, from a capacity fit (held tokens = K·r^γ) over the SFT runs that "

@@ -11,10 +11,6 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes over a minute on one CPU thread (deselect with -m 'not slow')")
-
-
 def _randomize(model, seed=0):
     """transformers initialises norms to 1; randomise everything so the parity check covers them."""
     g = torch.Generator().manual_seed(seed)

@@ -1,5 +1,5 @@
 """Tests for fitlaw.py: recover a known law, invert it, refuse undetermined fits, test the bootstrap and
-the lack-of-fit test on laws of known form, and drive the CLI end to end.
+the lack-of-fit test on laws of known form, and drive the CLI end to end (figures and their names included).
 
     python -m pytest -q tests/test_fitlaw.py
 """
@@ -123,6 +123,7 @@ def test_spearman_by_hand_and_against_scipy():
     assert rho == pytest.approx(spearmanr([e[i] for i in keep], [f[i] for i in keep]).statistic, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_cli_json(tmp_path):
     r, l, dl = grid_points(noise=0.01, seed=0)
     paths = write_runs(tmp_path, r, l, dl)
@@ -147,6 +148,7 @@ def test_cli_json(tmp_path):
     assert "sufficient-condition violations: 0 over 30 runs" in text.stdout
 
 
+@pytest.mark.slow
 def test_cli_params_holdout_and_combined(tmp_path):
     r, l, dl = grid_points(noise=0.0)
     paths = write_runs(tmp_path, r[::2], l[::2], dl[::2], noise=0.1)
@@ -164,6 +166,7 @@ def test_cli_params_holdout_and_combined(tmp_path):
     assert c["noise"] == "combined" and c["n"] == 30
 
 
+@pytest.mark.slow
 def test_cli_plan(tmp_path):
     r, l, dl = grid_points(noise=0.0)
     target = float(fitlaw.law(10.5, 1000, **TRUE))  # exact inverse is r = 10.5, so the plan says 11
@@ -178,6 +181,7 @@ def test_cli_plan(tmp_path):
     assert p.returncode == 0 and "unreachable (law does not grow with r)" in p.stdout
 
 
+@pytest.mark.slow
 def test_cli_bad_files_and_small_group(tmp_path):
     r, l, dl = grid_points(noise=0.01)
     good = write_runs(tmp_path, r, l, dl)
@@ -199,6 +203,12 @@ def test_cli_bad_files_and_small_group(tmp_path):
     groups = {g["method"]: g for g in json.loads(p.stdout)}
     assert groups["sft"]["n"] == 30 and groups["sft"]["r2"] > 0.99 and "error" in groups["memft_ot"]
 
+    # A study's other JSON beside its runs (docs/sampling.py's sampling.json) is skipped with a line, not an error.
+    other = tmp_path / "sampling.json"
+    other.write_text(json.dumps({"temperatures": [0.5, 1.0], "runs": []}))
+    p = cli(*good, other)
+    assert p.returncode == 0 and "sampling.json: not a results file" in p.stderr and "skipped" in p.stderr
+
     p = cli()
     assert p.returncode != 0 and "no results files" in p.stderr and "Traceback" not in p.stderr
     p = cli(tmp_path / "missing.json")
@@ -208,19 +218,86 @@ def test_cli_bad_files_and_small_group(tmp_path):
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_plot_and_grid_write_png(tmp_path):
+    """Two groups: one figure each, named by what tells them apart (method, and noise where a group has
+    one), each named in a 'plot:' line with its settings; nothing is written to fit.png itself."""
     r, l, dl = grid_points(noise=0.01)
     probs = [0.9, 0.95, 0.4, 0.8, 0.3, 0.99]
     sample = dict(id=0, length=6, probs=probs, stubborn_positions=[2, 4], earliest_stubborn=2, first_failure=2)
-    paths = write_runs(tmp_path, r, l, dl, per_sample=[sample, dict(sample, id=1, first_failure=6)])
+    paths = write_runs(tmp_path, r, l, dl, noise=1.0, per_sample=[sample, dict(sample, id=1, first_failure=6)])
     paths += write_runs(tmp_path, r, l, dl, method="memft_sw", start=100)
     out = tmp_path / "fit.png"
     grid = tmp_path / "grid.png"
-    p = cli(*paths, "--plot", out, "--grid", grid, "--max-runs", 2)
+    p = cli(*paths, "--plot", out, "--grid", grid, "--max-runs", 2, "--bootstrap", 0)
     assert p.returncode == 0, p.stderr
-    for f in (tmp_path / "fit_0.png", tmp_path / "fit_1.png", grid):
+    mapping = [line for line in p.stdout.splitlines() if line.startswith("plot: ")]
+    assert mapping == [f"plot: {tmp_path / 'fit_memft_sw.png'}  model=m task=pb method=memft_sw budget=10 "
+                       f"schedule=linear",
+                       f"plot: {tmp_path / 'fit_sft-noise1.0.png'}  model=m task=pb method=sft noise=1.0 budget=10 "
+                       f"schedule=linear"]
+    figures = {Path(line.split()[1]) for line in mapping}
+    assert set(tmp_path.glob("*.png")) == figures | {grid}
+    for f in (*figures, grid):
         data = f.read_bytes()
         assert len(data) > 1000 and data[:8] == PNG_MAGIC, f
+
+
+@pytest.mark.slow
+def test_plot_one_group_writes_exactly_the_path(tmp_path, capsys, monkeypatch):
+    """One group: the figure goes to the path asked for, titled with the group's settings (noise, which
+    these runs lack, left out) and the fitted law; with --json the mapping goes to stderr."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    paths = write_runs(tmp_path, *grid_points(noise=0.01))
+    out = tmp_path / "law.png"
+    rc, (g,), err = groups_of(capsys, paths, plot=str(out))
+    assert rc == 0 and g["plot"] == str(out)
+    assert err.strip() == f"plot: {out}  model=m task=pb method=sft budget=10 schedule=linear"
+    assert [f.name for f in tmp_path.glob("*.png")] == ["law.png"] and out.read_bytes()[:8] == PNG_MAGIC
+    (fig,) = figures
+    assert fig.get_suptitle() == "model=m task=pb method=sft budget=10 schedule=linear"
+    assert fig.axes[0].get_title() == fitlaw.law_label(g) and fig.axes[0].get_xlabel() == "LoRA rank r"
+
+    out.unlink()
+    assert fitlaw.main(paths, n_boot=0, plot=str(out)) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"plot: {out}  model=m task=pb method=sft budget=10 " \
+                                                       f"schedule=linear"
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_law_label_shows_the_fitted_parameters():
+    # the law recovered exactly from noiseless points, each parameter to 3 figures, ℓ's exponent −β
+    fit = fitlaw.fit_law(*grid_points(noise=0.0))
+    assert fitlaw.law_label(fit) == "ΔL = 5·r^0.4·ℓ^−0.6 + 0.05 (R² 1.000)"
+    fit = fitlaw.fit_law(*grid_points(noise=0.02, seed=4))
+    label = fitlaw.law_label(fit, "params")
+    for v in (fit["C"], fit["alpha"], -fit["beta"], abs(fit["b"])):
+        assert f"{v:.3g}".replace("-", "−") in label, (v, label)
+    assert label.startswith(f"ΔL = {fit['C']:.3g}·P^") and label.endswith(f" (R² {fit['r2']:.3f})")
+    # negative C and α, β < 0 (ℓ's exponent positive), b < 0: signs written once, as minus signs
+    fit = dict(C=-0.0337, alpha=-1.61, beta=-0.874, b=-2.5, r2=0.9163)
+    assert fitlaw.law_label(fit) == "ΔL = −0.0337·r^−1.61·ℓ^0.874 − 2.5 (R² 0.916)"
+    assert fitlaw.law_label(dict(fit, beta=0.0, b=0.0)) == "ΔL = −0.0337·r^−1.61·ℓ^0 + 0 (R² 0.916)"
+
+
+def test_group_slugs_name_what_differs():
+    a = ("org/Qwen 3:0.6B", "longctx", "sft", 1.0, "paper", 2000, "constant")
+    b = ("default", "longctx", "sft", None, "paper", 100, "constant")
+    # model, noise and budget differ; b has no noise, so its name has none
+    assert fitlaw.group_slugs([a, b]) == ["Qwen_3_0.6B-noise1.0-2000steps", "default-100steps"]
+    # different settings, same text: the names stay unique
+    c, d = ("m", "pb", "sft", None, None, 10, "linear"), ("m", "pb", "sft", None, "linear", 10, None)
+    assert fitlaw.group_slugs([c, d]) == ["linear", "linear-2"]
+    assert fitlaw.plot_paths("out/law.png", [a]) == ["out/law.png"]
+    assert fitlaw.plot_paths("out/law.png", [a, b]) == ["out/law_Qwen_3_0.6B-noise1.0-2000steps.png",
+                                                        "out/law_default-100steps.png"]
+    assert fitlaw.plot_paths("run.v2/law", [c, d]) == ["run.v2/law_linear", "run.v2/law_linear-2"]
+    assert fitlaw.group_description(b) == "model=default task=longctx method=sft preset=paper budget=100 " \
+                                          "schedule=constant"
 
 
 # ---- identifiability: a parameter the points cannot determine is an error, not a number
@@ -288,6 +365,7 @@ def test_lm_batch_matches_scipy():
         np.testing.assert_allclose(pk, ref, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_cover_truth():
     covered, n_sets = np.zeros(4), 20
     for seed in range(n_sets):
@@ -392,6 +470,7 @@ def test_groups_by_study_and_reports_seeds(tmp_path, capsys):
     assert "95% CI (bootstrap over points, 200 of 200 resamples fitted): C [" in text.stdout
 
 
+@pytest.mark.slow
 def test_where_and_exclude_saturated(tmp_path, capsys):
     r, l, dl = grid_points(noise=0.01)
     paths = write_runs(tmp_path, r, l, dl, task="longctx", noise=1.0, lr=0.01)  # seed 0
@@ -444,7 +523,7 @@ def test_at_step_takes_each_runs_snapshot(tmp_path):
         f = tmp_path / f"run{i}.json"
         f.write_text(json.dumps(run))
         paths.append(str(f))
-    runs, _ = fitlaw.load_runs(paths)
+    runs, _, _ = fitlaw.load_runs(paths)
     at100, missing = fitlaw.at_step(runs, 100)
     assert missing == 1 and len(at100) == 19 and all(r["budget"] == 100 for r in at100)
     assert at100[0]["delta_loss"] == pytest.approx(law(1, 50, *truth[100]))

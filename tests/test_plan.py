@@ -5,10 +5,10 @@ uses only runs of the same adapter, and train.py --rank auto starts where it say
 import json
 
 import pytest
+from conftest import run_script
 
 import fitlaw
 import train
-from conftest import run_script
 
 K, GAMMA = 16.0, 0.5  # the law the runs below are drawn from: held tokens = 16·√r
 LAW_RANKS = (1, 4, 16, 64)  # 16·√r is a whole number of tokens at each
@@ -98,6 +98,7 @@ def test_only_sft_runs_of_the_same_adapter_count(tmp_path):
         fitlaw.plan_recall(paths, 32, targets=["k_proj"], model="default")
 
 
+@pytest.mark.slow
 def test_cli_prints_the_plan_and_refuses_in_one_line(tmp_path):
     paths = write(tmp_path, law_runs() + [dict(not_a_run=True)])
     r = run_script("fitlaw.py", "--plan-recall", "--tokens", "33", *paths, timeout=120)
