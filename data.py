@@ -13,27 +13,31 @@ facts are a jsonl of {"query": ..., "target": ...[, "system": ...]} lines (task 
 """
 
 import hashlib
-
 import json
 import math
 import random
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:  # only for annotations: torch and jinja2 load when first used
+    import torch
+    from jinja2 import Template
 
 
 class DataError(Exception):
     """A problem with a tokenizer or a dataset, worded for the user."""
 
 
-def _token_str(t) -> str | None:
+def _token_str(t: str | dict | None) -> str | None:
     return t.get("content") if isinstance(t, dict) else t
 
 
 class Tokenizer:
     """tokenizer.json through `tokenizers`, the chat template through `jinja2`, as transformers does."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
         f = path / "tokenizer.json"
@@ -77,7 +81,7 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """The chat template rendered to text, with the same Jinja environment transformers uses."""
         if not self.chat_template:
             raise DataError("this tokenizer has no chat_template in tokenizer_config.json")
@@ -85,7 +89,8 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special, **kwargs
         )
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> list[int]:
         # Special tokens in the rendered text are matched as added tokens; no BOS/EOS is added on top.
         return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs))
 
@@ -93,16 +98,17 @@ class Tokenizer:
 _TEMPLATES: dict = {}
 
 
-def _compile(source: str):
+def _compile(source: str) -> "Template":
     """Compile once: a sandboxed env with trim_blocks/lstrip_blocks, like transformers' chat templating."""
     if source not in _TEMPLATES:
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):
+        def raise_exception(message: str) -> NoReturn:
             raise DataError(f"chat template error: {message}")
 
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        def tojson(x: object, ensure_ascii: bool = False, indent: int | None = None,
+                   separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -113,9 +119,9 @@ def _compile(source: str):
     return _TEMPLATES[source]
 
 
-def load_tokenizer(name_or_path=None) -> Tokenizer:
-    """The tokenizer of a model folder, hub id or 'default' (resolved as load_model does)."""
-    from model import resolve_model_dir
+def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
+    """The tokenizer of a model folder, hub id or 'default' (resolved as train.py and eval.py resolve --model)."""
+    from convert import resolve_model_dir
 
     return Tokenizer(resolve_model_dir(name_or_path))
 
@@ -172,7 +178,7 @@ def qa_example(tok: Tokenizer, i: int, key: str, answer: str, eot: bool = True, 
     return Example(i, chat_prompt(tok, key, system), ids + suffix, len(ids))
 
 
-def numbered_jsonl(path, keys: tuple[str, ...], numbers_as_text: bool = False) -> list[tuple[int, dict]]:
+def numbered_jsonl(path: str | Path, keys: tuple[str, ...], numbers_as_text: bool = False) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; with `numbers_as_text`, numbers keep the text written."""
     path = Path(path)
     if not path.is_file():
@@ -197,11 +203,11 @@ def numbered_jsonl(path, keys: tuple[str, ...], numbers_as_text: bool = False) -
     return rows
 
 
-def read_jsonl(path, keys: tuple[str, ...]) -> list[dict]:
+def read_jsonl(path: str | Path, keys: tuple[str, ...]) -> list[dict]:
     return [row for _, row in numbered_jsonl(path, keys)]
 
 
-def jsonl_task(path) -> str:
+def jsonl_task(path: str | Path) -> str:
     """The task a data file's keys name: question/matching -> longctx; query/target -> facts, or
     phonebook for the paper's PhoneBook files (their lines carry target_len)."""
     keys = set(numbered_jsonl(path, ())[0][1])
@@ -213,7 +219,7 @@ def jsonl_task(path) -> str:
                     f"need query and target, long context needs matching (or pass --task)")
 
 
-def file_sha256(path) -> str:
+def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -230,7 +236,7 @@ def _text(row: dict, key: str, where: str) -> str | None:
     return v
 
 
-def read_facts(path) -> list[tuple[str, str, str | None]]:
+def read_facts(path: str | Path) -> list[tuple[str, str, str | None]]:
     """(query, target, system or None) per line of a facts file, refusing what cannot be a fact.
 
     Targets may be numbers, kept as the text written (42.10 stays "42.10"); null, empty and other
@@ -250,7 +256,7 @@ def read_facts(path) -> list[tuple[str, str, str | None]]:
     return facts
 
 
-def facts(tok: Tokenizer, path, name: str = "facts") -> Task:
+def facts(tok: Tokenizer, path: str | Path, name: str = "facts") -> Task:
     """Your own facts: each query -> its target, then end-of-turn, under the line's system prompt or SYSTEM."""
     rows = read_facts(path)
     ex = [qa_example(tok, i, q, t, system=s or SYSTEM) for i, (q, t, s) in enumerate(rows)]
@@ -271,7 +277,7 @@ def phonebook_rows(seed: int) -> list[tuple[str, str]]:
     return [(f"{name}:", str(rng.randint(6 * 10**9, 10**10 - 1))) for name in plain + middle]
 
 
-def phonebook(tok: Tokenizer, length: int, seed: int = 0, path=None) -> Task:
+def phonebook(tok: Tokenizer, length: int, seed: int = 0, path: str | Path | None = None) -> Task:
     """Names -> 10-digit numbers. ℓ = rows × digit tokens per number, sized to reach `length`."""
     if path is not None:  # the paper's files: the same format, and the same checks, as your own facts
         return facts(tok, path, "phonebook")
@@ -299,7 +305,8 @@ def add_noise(ids: list[int], rho: float, pool: list[int], seed: int) -> list[in
     return out
 
 
-def longctx(tok: Tokenizer, length: int, noise: float = 1.0, seed: int = 0, text=None, path=None) -> Task:
+def longctx(tok: Tokenizer, length: int, noise: float = 1.0, seed: int = 0, text: str | Path | None = None,
+            path: str | Path | None = None) -> Task:
     """One fixed instruction, one answer: the first ℓ tokens of a text with a fraction ρ of tokens randomised."""
     if not 0.0 <= noise <= 1.0:
         raise DataError(f"--noise must be in [0, 1], got {noise}")
@@ -330,7 +337,7 @@ def linear_rule(tok: Tokenizer, samples: int = 100, heldout: int = 100, seed: in
 
 
 def make_task(tok: Tokenizer, task: str, length: int = 100, noise: float | None = None, seed: int = 0,
-              data=None, text=None, samples: int = 100) -> Task:
+              data: str | Path | None = None, text: str | Path | None = None, samples: int = 100) -> Task:
     if length is not None and length <= 0:
         raise DataError(f"--length must be a positive number of answer tokens, got {length}")
     if task == "phonebook":
@@ -346,7 +353,7 @@ def make_task(tok: Tokenizer, task: str, length: int = 100, noise: float | None 
     raise DataError(f"unknown task {task!r}; choose phonebook, longctx or linear (or facts, from a data file)")
 
 
-def collate(examples: list[Example], pad_id: int):
+def collate(examples: list[Example], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Right-padded batch: input (B, T) and labels (B, T) aligned with logits; -100 off the answer."""
     import torch
 
@@ -361,7 +368,8 @@ def collate(examples: list[Example], pad_id: int):
     return ids, labels
 
 
-def main(model: str, task: str, length: int, noise: float | None, seed: int, data, text) -> None:
+def main(model: str, task: str, length: int, noise: float | None, seed: int, data: str | Path | None,
+         text: str | Path | None) -> None:
     tok = load_tokenizer(model)
     t = make_task(tok, task, length, noise, seed, data, text)
     e = t.train[0]

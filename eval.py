@@ -15,22 +15,24 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from data import (PROSE, SYSTEM, DataError, Example, chat_prompt, collate, facts, file_sha256, load_tokenizer,
-                  read_facts)
+from convert import ConvertError, resolve_model_dir
+from data import (PROSE, SYSTEM, DataError, Example, Tokenizer, chat_prompt, collate, facts, file_sha256,
+                  load_tokenizer, read_facts)
 from lora import LoraError, adapter_disabled, adapter_settings, load_adapter, lora_parameters
-from memft import chunked_token_loss
-from model import ModelError, load_model
+from model import ModelError, Transformer, load_model
 
 LN2 = math.log(2)  # loss below ln 2 <=> p > 0.5 <=> the token is the greedy argmax
 
 
 @torch.no_grad()
-def greedy(model, prompts: torch.Tensor, max_new_tokens: int, eos_id=None, targets=None,
-           temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
+def greedy(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+           targets: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
     """Batched decoding of equal-length prompts (B, P): prefill, then one token per step.
 
     Greedy unless temperature > 0 (then nucleus sampling). With `targets` (B, n) it stops as soon
@@ -59,7 +61,8 @@ def greedy(model, prompts: torch.Tensor, max_new_tokens: int, eos_id=None, targe
     return torch.stack(out, dim=1)
 
 
-def pick(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+def pick(logits: torch.Tensor, temperature: float, top_p: float,
+         generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) next tokens: argmax, or a sample from the top-p nucleus at `temperature`."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -72,7 +75,8 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator=None)
 
 
 @torch.no_grad()
-def sampled_recall(model, examples: list[Example], k: int, temperature: float, top_p: float, seed: int = 0):
+def sampled_recall(model: Transformer, examples: list[Example], k: int, temperature: float, top_p: float,
+                   seed: int = 0) -> list[float]:
     """Fraction of k sampled decodes per example that reproduce its answer exactly (per example)."""
     g = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     dev = model.lm_head.weight.device
@@ -87,7 +91,8 @@ def sampled_recall(model, examples: list[Example], k: int, temperature: float, t
     return out
 
 
-def generate(model, prompt_ids, max_new_tokens: int, eos_id=None) -> list[int]:
+def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
+             eos_id: int | None = None) -> list[int]:
     """Greedy reply to one prompt (a list of ids): the new tokens only, ending at EOS if it comes."""
     dev = model.lm_head.weight.device
     idx = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)[None]
@@ -102,7 +107,7 @@ class PrefixCache:
     layers start.. only. Examples that do not fit are recomputed each time, with the same result.
     """
 
-    def __init__(self, model, start: int, max_mb: float = 4096):
+    def __init__(self, model: Transformer, start: int, max_mb: float = 4096) -> None:
         self.model, self.start, self.budget = model, start, max_mb * 2**20
         self.h: dict[int, torch.Tensor] = {}
 
@@ -146,23 +151,29 @@ class PrefixCache:
         return out
 
 
-def answer_losses(model, examples: list[Example], pad_id: int, prefix: PrefixCache | None = None, chunk=512):
-    """Per-token CE and teacher-forced argmax over the answers of a batch: flat (N,), (N,), and labels (N,)."""
+def answer_losses(model: Transformer, examples: list[Example], pad_id: int, prefix: PrefixCache | None = None,
+                  chunk: int | None = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token CE and teacher-forced argmax over the answers of a batch: flat (N,), (N,), and labels (N,).
+
+    Plain: every layer on the whole padded batch, then the loss at the answer positions only. Fast
+    paths with the same numbers: a prefix cache (layers below the first adapter run once per example,
+    ever) and the chunked loss (chunk=None for the plain one; see Transformer.token_losses)."""
     dev = model.lm_head.weight.device
-    ids, labels = collate(examples, pad_id)
+    ids, labels = collate(examples, pad_id)                           # (B, T) each, labels -100 off-answer
     ids, labels = ids.to(dev), labels.to(dev)
     if prefix is None:
-        h = model.run_layers(model.embed(ids))
+        h = model.run_layers(model.embed(ids))                        # (B, T, D)
     else:
         h = model.run_layers(prefix.batch(examples, ids), start=prefix.start)
     sel = labels != -100  # answer positions, row-major: each row's answer is one contiguous run
-    y = labels[sel]
-    loss, pred = chunked_token_loss(model.model.norm(h[sel]), model.lm_head.weight, y, chunk)
+    y = labels[sel]                                                   # (N,)
+    loss, pred = model.token_losses(h[sel], y, chunk)                 # (N,), (N,)
     return loss, pred, y
 
 
 @torch.no_grad()
-def teacher_forced(model, examples: list[Example], pad_id: int, batch_size: int = 16, prefix=None):
+def teacher_forced(model: Transformer, examples: list[Example], pad_id: int, batch_size: int = 16,
+                   prefix: PrefixCache | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per example: (token losses (A,), argmax correct (A,) bool), dropout off."""
     out = []
     for i in range(0, len(examples), batch_size):
@@ -173,7 +184,7 @@ def teacher_forced(model, examples: list[Example], pad_id: int, batch_size: int 
     return out
 
 
-def same_length_batches(keys: list, batch_size: int):
+def same_length_batches(keys: list, batch_size: int) -> Iterator[list[int]]:
     """Indices of `keys` grouped by equal key (a prompt length, or prompt and answer lengths), in chunks of
     at most `batch_size`: batches that need no padding."""
     by_key: dict = {}
@@ -185,7 +196,7 @@ def same_length_batches(keys: list, batch_size: int):
 
 
 @torch.no_grad()
-def first_failures(model, examples: list[Example], batch_size: int = 32) -> list[int]:
+def first_failures(model: Transformer, examples: list[Example], batch_size: int = 32) -> list[int]:
     """Free-run greedy decoding from each prompt: the first answer position that differs (or ℓ)."""
     dev = model.lm_head.weight.device
     res = [0] * len(examples)
@@ -200,8 +211,8 @@ def first_failures(model, examples: list[Example], batch_size: int = 32) -> list
     return res
 
 
-def evaluate(model, examples: list[Example], loss_init: list[torch.Tensor], pad_id: int, prefix=None,
-             decode: bool = True) -> dict:
+def evaluate(model: Transformer, examples: list[Example], loss_init: list[torch.Tensor], pad_id: int,
+             prefix: PrefixCache | None = None, decode: bool = True) -> dict:
     """ΔL, token accuracy, exact match (teacher-forced and decoded), first failure, stubborn tokens.
 
     Greedy decoding reproduces an answer iff the teacher-forced argmax is right at every answer
@@ -276,7 +287,7 @@ def p_and_margin(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def token_margins(model, e: Example) -> tuple[torch.Tensor, torch.Tensor]:
+def token_margins(model: Transformer, e: Example) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced p of each answer token (A,) and its margin over the most probable other token (A,)."""
     dev = model.lm_head.weight.device
     ids = torch.tensor([e.prompt + e.answer[:-1]], device=dev)
@@ -286,7 +297,8 @@ def token_margins(model, e: Example) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def replies(model, prompts: list[list[int]], max_new: list[int], eos_id=None, batch_size: int = 32) -> list[list[int]]:
+def replies(model: Transformer, prompts: list[list[int]], max_new: list[int], eos_id: int | None = None,
+            batch_size: int = 32) -> list[list[int]]:
     """Each prompt's greedy reply, as generate() gives it one prompt at a time: at most its own `max_new`
     tokens, ending at the first `eos_id` (included). Prompts of equal length are decoded together."""
     dev = model.lm_head.weight.device
@@ -301,7 +313,8 @@ def replies(model, prompts: list[list[int]], max_new: list[int], eos_id=None, ba
 
 
 @torch.no_grad()
-def margins(model, examples: list[Example], batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def margins(model: Transformer, examples: list[Example],
+            batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """token_margins of every example; those of equal prompt and answer length in one forward pass."""
     dev = model.lm_head.weight.device
     out: list = [None] * len(examples)
@@ -315,7 +328,7 @@ def margins(model, examples: list[Example], batch_size: int = 32) -> list[tuple[
     return out
 
 
-def fact_reports(model, tok, examples: list[Example], rows: list[tuple]) -> list[dict]:
+def fact_reports(model: Transformer, tok: Tokenizer, examples: list[Example], rows: list[tuple]) -> list[dict]:
     """Each fact's line of the certificate: the greedy reply, exact or not, the smallest p and the smallest
     margin. Measured in batches; the plain path is generate() and token_margins() one fact at a time, and
     tests/test_certificate.py holds the two together."""
@@ -332,14 +345,15 @@ def fact_reports(model, tok, examples: list[Example], rows: list[tuple]) -> list
 
 
 @torch.no_grad()
-def perplexity(model, ids: list[int]) -> float:
+def perplexity(model: Transformer, ids: list[int]) -> float:
     """exp(mean next-token cross-entropy) over `ids`."""
     x = torch.tensor([ids], device=model.lm_head.weight.device)
     logits = model(x[:, :-1])[0].float()  # (T-1, V)
     return math.exp(float(torch.nn.functional.cross_entropy(logits, x[0, 1:])))
 
 
-def side_effects(model, tok, prose_tokens: int = 256, prompts=GENERAL_PROMPTS, max_new_tokens: int = 16) -> dict:
+def side_effects(model: Transformer, tok: Tokenizer, prose_tokens: int = 256,
+                 prompts: Sequence[str] = GENERAL_PROMPTS, max_new_tokens: int = 16) -> dict:
     """What storing the facts costs the model: prose perplexity and general greedy answers, adapter on and off."""
     ids = tok.encode(PROSE.read_text())[:prose_tokens]
     asked = [chat_prompt(tok, q, None) for q in prompts]  # None: the template's own default system prompt
@@ -357,12 +371,13 @@ def side_effects(model, tok, prose_tokens: int = 256, prompts=GENERAL_PROMPTS, m
                 prompts=rows, prompts_same=sum(r["same"] for r in rows))
 
 
-def certify(base: str, adapter, data, dtype=None, device=None) -> dict:
+def certify(base: str, adapter: str | Path, data: str | Path, dtype: str | torch.dtype | None = None,
+            device: str | torch.device | None = None) -> dict:
     """The certificate of a saved adapter, measured on it as saved: per fact, overall, and side effects."""
     tok = load_tokenizer(base)
     rows = read_facts(data)
     ex = facts(tok, data).train
-    model = load_model(base, dtype=dtype, device=device)
+    model = load_model(resolve_model_dir(base), dtype=dtype, device=device)
     settings = load_adapter(model, adapter)
     model.eval()
     per = fact_reports(model, tok, ex, rows)
@@ -404,7 +419,7 @@ def print_certificate(cert: dict) -> None:
             print(f"  {r['prompt']!r}: {r['without_adapter']!r} without the adapter, {r['with_adapter']!r} with it")
 
 
-def trained_data(adapter) -> tuple[str, str]:
+def trained_data(adapter: str | Path) -> tuple[str, str]:
     """(facts file, its sha256 at training) of a saved adapter: from adapter.json, else the run's results file."""
     d = adapter_settings(adapter).get("data")
     if d:
@@ -430,7 +445,7 @@ def compare(stored: dict, fresh: dict, tol: float = 1e-4) -> list[str]:
     return out
 
 
-def recheck(adapter, model: str | None = None) -> bool:
+def recheck(adapter: str | Path, model: str | None = None) -> bool:
     """eval.py --certify: the certificate measured again from the adapter and its facts file, printed and
     compared with the stored one. True when every fact is still recalled exactly."""
     settings = adapter_settings(adapter)  # no adapter: one line, before anything loads
@@ -463,7 +478,8 @@ def trained_system(settings: dict, query: str) -> str:
     return p.get("systems", {}).get(query, p.get("system", SYSTEM))
 
 
-def reply(model: str | None, prompt: str, max_new_tokens: int, system: str | None = None, adapter=None) -> str:
+def reply(model: str | None, prompt: str, max_new_tokens: int, system: str | None = None,
+          adapter: str | Path | None = None) -> str:
     """Greedy reply to one user message. With an adapter, the prompt is formatted as in its training
     (base model, system prompt, chat template) unless `system` is given ("" for none)."""
     settings = adapter_settings(adapter) if adapter else {}
@@ -471,7 +487,7 @@ def reply(model: str | None, prompt: str, max_new_tokens: int, system: str | Non
     if system is None and adapter:
         system = trained_system(settings, prompt)
     tok = load_tokenizer(model)
-    m = load_model(model)
+    m = load_model(resolve_model_dir(model))
     if adapter:
         load_adapter(m, adapter)
     ids = chat_prompt(tok, prompt, system or None)
@@ -485,7 +501,8 @@ def reply(model: str | None, prompt: str, max_new_tokens: int, system: str | Non
 
 
 def main(model: str | None, adapter: str, task: str | None = None, length: int | None = None,
-         noise: float | None = None, seed: int | None = None, data=None, text=None, sample_recall: int = 0,
+         noise: float | None = None, seed: int | None = None, data: str | Path | None = None,
+         text: str | Path | None = None, sample_recall: int = 0,
          temperature: float = 1.0, top_p: float = 1.0, as_json: bool = False) -> dict:
     """Evaluate a saved adapter on its task; settings default to those in the run's results file."""
     from data import make_task
@@ -493,12 +510,13 @@ def main(model: str | None, adapter: str, task: str | None = None, length: int |
     run_file = Path(str(adapter).rstrip("/") + ".json")
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     model = model or run.get("model", "default")
+    adapter_settings(adapter)  # no adapter: one line, before anything loads
     tok = load_tokenizer(model)
-    m = load_model(model)
     task = make_task(tok, task or run.get("task", "phonebook"), length or run.get("length", 100),
                      noise if noise is not None else run.get("noise"),
                      seed if seed is not None else run.get("data_seed", run.get("seed", 0)),  # the data's seed
                      data or run.get("data"), text or run.get("text"), run.get("n_samples", 100))
+    m = load_model(resolve_model_dir(model))  # after the data: its errors come before the slow load
     pad = tok.pad_id
     loss_init = [loss for loss, _ in teacher_forced(m, task.train, pad)]
     load_adapter(m, adapter)
@@ -511,6 +529,8 @@ def main(model: str | None, adapter: str, task: str | None = None, length: int |
     if as_json:
         print(json.dumps(res))
     else:
+        if summary["exact_match"] == 1.0:  # the results' first_failure is then the shortest answer's length
+            summary["first_failure"] = "none: every answer recalled exactly"
         for k, v in summary.items():
             print(f"{k:>22}: {v}")
     return res
@@ -556,5 +576,5 @@ if __name__ == "__main__":
                  a.temperature, a.top_p, a.json)
         else:
             ap.error("give --prompt (greedy reply) or --adapter (evaluate a saved run)")
-    except (ModelError, DataError, LoraError) as e:
+    except (ModelError, DataError, LoraError, ConvertError) as e:
         sys.exit(f"error: {e}")

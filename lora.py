@@ -1,10 +1,15 @@
 """LoRA injected by module replacement, including the paper's whole-MLP probe; PEFT-compatible export.
 
+    python lora.py                       # inject into a tiny random model and show what changed
+
     from lora import add_lora, load_adapter, save_adapter
     n = add_lora(model, rank=16, targets=("q_proj", "v_proj"))           # standard PEFT-style LoRA
     n = add_lora(model, rank=4, targets=("mlp",), layers=[20], init="paper", dropout=0.1)  # output dropout
     with adapter_disabled(model): ...                                     # the frozen reference model
     save_adapter(model, "runs/x"); load_adapter(fresh_model, "runs/x")
+
+Read after model.py: the `LoRA` wrapper, then `add_lora`, which swaps it in with setattr. The
+adapter's settings live in its modules (`adapter_config` reads them back), not on the model.
 
 One wrapper computes y = base(x) + s·B(A(x)), with dropout where the preset puts it: on the adapter's
 output for the paper, y = base(x) + drop(s·B(A(x))), as the authors' intervention does; on its input
@@ -17,6 +22,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,10 +47,11 @@ class LoraError(Exception):
 class LoRA(nn.Module):
     """Wraps `base` (d_in -> d_out) and adds a low-rank update s·B·A; A is (r, d_in), B is (d_out, r)."""
 
-    def __init__(self, base: nn.Module, d_in: int, d_out: int, rank: int, scale: float, dropout: float, init: str,
-                 dropout_at: str):
+    def __init__(self, base: nn.Module, d_in: int, d_out: int, rank: int, alpha: float, scale: float, dropout: float,
+                 init: str, dropout_at: str) -> None:
         super().__init__()
-        self.base, self.rank, self.scale, self.dropout_at = base, rank, scale, dropout_at
+        self.base, self.rank, self.alpha, self.scale = base, rank, alpha, scale
+        self.dropout, self.dropout_at, self.init = dropout, dropout_at, init
         dev = next(base.parameters()).device
         self.lora_A = nn.Parameter(torch.empty(rank, d_in, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, device=dev, dtype=torch.float32))
@@ -55,8 +62,8 @@ class LoRA(nn.Module):
         else:  # PEFT: kaiming_uniform(a=√5) over fan_in = d_in, i.e. U(±1/√d_in)
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x):
-        y = self.base(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)                                                  # (..., d_out)
         if self.disabled or self.merged:
             return y
         # LoRA weights stay fp32 (master copy); compute in the activations' dtype (bf16 on GPU).
@@ -67,6 +74,7 @@ class LoRA(nn.Module):
         return y + self.scale * z
 
     def delta_weight(self) -> torch.Tensor:
+        """The update this adapter adds to a linear base's weight."""
         return self.scale * self.lora_B @ self.lora_A  # (d_out, d_in)
 
 
@@ -82,7 +90,7 @@ def _site(block: nn.Module, target: str) -> tuple[nn.Module, str]:
     return (block.self_attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp), target
 
 
-def check_settings(model, rank: int, targets, layers) -> list[int]:
+def check_settings(model: nn.Module, rank: int, targets: tuple[str, ...], layers: list[int] | None) -> list[int]:
     """Validate rank/targets/layers against the model; returns the layer list."""
     n_layers = model.args.n_layers
     if not isinstance(rank, int) or rank <= 0:
@@ -101,8 +109,9 @@ def check_settings(model, rank: int, targets, layers) -> list[int]:
     return layers
 
 
-def add_lora(model, rank: int, targets=("q_proj", "v_proj"), layers=None, alpha=None, dropout=0.0,
-             init="standard", dropout_at=None) -> int:
+def add_lora(model: nn.Module, rank: int, targets: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),
+             layers: list[int] | None = None, alpha: float | None = None, dropout: float = 0.0,
+             init: str = "standard", dropout_at: str | None = None) -> int:
     """Wrap each target in each chosen layer; freeze everything else. Returns the trainable count."""
     targets = tuple(targets)
     layers = check_settings(model, rank, targets, layers)
@@ -123,20 +132,30 @@ def add_lora(model, rank: int, targets=("q_proj", "v_proj"), layers=None, alpha=
             parent, attr = _site(block, t)
             base = getattr(parent, attr)
             d_in, d_out = (model.args.dim, model.args.dim) if t == "mlp" else (base.in_features, base.out_features)
-            lora = LoRA(base, d_in, d_out, rank, scale, dropout, init, dropout_at)
+            lora = LoRA(base, d_in, d_out, rank, alpha, scale, dropout, init, dropout_at)
             setattr(parent, attr, lora.train(base.training))
-    model.lora_config = dict(rank=rank, alpha=alpha, scale=scale, targets=list(targets), layers=layers,
-                             dropout=dropout, dropout_at=dropout_at, init=init,
-                             base_model=getattr(model, "name", None))
     return sum(p.numel() for p in lora_parameters(model))
 
 
-def lora_parameters(model) -> list[nn.Parameter]:
+def adapter_config(model: nn.Module) -> dict:
+    """The adapter's settings, read back from its modules: what adapter.json records."""
+    mods = lora_modules(model)
+    if not mods:
+        raise LoraError("this model carries no adapter")
+    m = next(iter(mods.values()))  # add_lora gives every module the same settings
+    layers = sorted({int(name.split(".")[2]) for name in mods})  # 'model.layers.<i>.…'
+    targets = [t for t in TARGETS if any(name.endswith("." + t) for name in mods)]
+    return dict(rank=m.rank, alpha=m.alpha, scale=m.scale, targets=targets, layers=layers, dropout=m.dropout,
+                dropout_at=m.dropout_at, init=m.init)
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter's A and B: the only trainable weights."""
     return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
 
 
 @contextmanager
-def adapter_disabled(model):
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily turn every adapter off: the frozen base, i.e. the reference for L_init."""
     mods = list(lora_modules(model).values())
     for m in mods:
@@ -149,7 +168,7 @@ def adapter_disabled(model):
 
 
 @torch.no_grad()
-def merge(model) -> None:
+def merge(model: nn.Module) -> None:
     """Fold s·B·A into the base weights of linear targets, for inference at base speed."""
     modules = lora_modules(model)
     for name, m in modules.items():  # check all first: never leave the model half-merged
@@ -162,7 +181,8 @@ def merge(model) -> None:
 
 
 @torch.no_grad()
-def unmerge(model) -> None:
+def unmerge(model: nn.Module) -> None:
+    """Undo `merge`."""
     for m in lora_modules(model).values():
         if m.merged:
             m.base.weight -= m.delta_weight().to(m.base.weight.dtype)
@@ -172,12 +192,13 @@ def unmerge(model) -> None:
 # ----------------------------------------------------------------------------- saving and loading
 
 
-def lora_state_dict(model) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each adapter's A and B, fp32 on the CPU, under '<module path>.lora_A' / '.lora_B'."""
     return {f"{name}.{k}": getattr(m, k).detach().float().cpu().contiguous()
             for name, m in lora_modules(model).items() for k in ("lora_A", "lora_B")}
 
 
-def atomic_dir(path: Path, write) -> None:
+def atomic_dir(path: Path, write: Callable[[Path], None]) -> None:
     """Write a folder via a temporary sibling and a rename, so a crash never leaves it half-written."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
@@ -194,7 +215,7 @@ def atomic_dir(path: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def unwrapped_state_dict(model) -> dict[str, torch.Tensor]:
+def unwrapped_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base weights under their Hugging Face names, adapters left out: after `merge` they hold them."""
     wrapped = set(lora_modules(model))
     out = {}
@@ -208,18 +229,19 @@ def unwrapped_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model, path) -> None:
+def save_adapter(model: nn.Module, path: str | Path, info: dict | None = None) -> None:
     """Our format always (adapter.safetensors + adapter.json); PEFT's too when every target is linear.
 
-    adapter.json is `model.lora_config`; train.py adds to it the base model's folder (`base_model_path`,
-    what PEFT's base_model_name_or_path then names) and how training formatted prompts (`prompt`).
+    adapter.json is `adapter_config(model)` plus `info`: train.py passes the base model (`base_model`,
+    and its folder `base_model_path`, which PEFT's base_model_name_or_path then names) and how training
+    formatted prompts (`prompt`).
     """
     from safetensors.torch import save_file
 
-    cfg = model.lora_config
+    cfg = adapter_config(model) | (info or {})
     sd = lora_state_dict(model)
 
-    def write(d: Path):
+    def write(d: Path) -> None:
         save_file(sd, str(d / "adapter.safetensors"))
         (d / "adapter.json").write_text(json.dumps(cfg, indent=1))
         if "mlp" in cfg["targets"]:
@@ -233,13 +255,13 @@ def save_adapter(model, path) -> None:
             peft_type="LORA", task_type="CAUSAL_LM", r=cfg["rank"], lora_alpha=cfg["scale"] * cfg["rank"],
             lora_dropout=cfg["dropout"], target_modules=cfg["targets"], bias="none", fan_in_fan_out=False,
             layers_to_transform=None if all_layers else cfg["layers"],
-            base_model_name_or_path=cfg.get("base_model_path") or cfg["base_model"],
+            base_model_name_or_path=cfg.get("base_model_path") or cfg.get("base_model"),
             inference_mode=True, use_rslora=False, init_lora_weights=True), indent=1))
 
     atomic_dir(Path(path), write)
 
 
-def adapter_settings(path) -> dict:
+def adapter_settings(path: str | Path) -> dict:
     """A saved adapter's adapter.json, read without loading anything."""
     path = Path(path)
     if not (path / "adapter.json").is_file() or not (path / "adapter.safetensors").is_file():
@@ -247,7 +269,7 @@ def adapter_settings(path) -> dict:
     return json.loads((path / "adapter.json").read_text())
 
 
-def load_adapter(model, path) -> dict:
+def load_adapter(model: nn.Module, path: str | Path) -> dict:
     """Put a saved adapter (our format) onto a freshly loaded model; returns its settings."""
     from safetensors.torch import load_file
 
@@ -256,7 +278,7 @@ def load_adapter(model, path) -> dict:
     # Adapters saved before dropout_at was recorded get their init's default (None -> inferred).
     add_lora(model, cfg["rank"], cfg["targets"], cfg["layers"], cfg["alpha"], cfg["dropout"], cfg["init"],
              cfg.get("dropout_at"))
-    cfg["dropout_at"] = model.lora_config["dropout_at"]
+    cfg["dropout_at"] = adapter_config(model)["dropout_at"]
     sd = load_file(str(path / "adapter.safetensors"))
     mods = lora_modules(model)
     want = {f"{n}.{k}" for n in mods for k in ("lora_A", "lora_B")}
@@ -270,3 +292,39 @@ def load_adapter(model, path) -> dict:
                 raise LoraError(f"adapter tensor {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             p.copy_(t)
     return cfg
+
+
+def main() -> None:
+    """A tour on a tiny random Llama: inject, check the model is unchanged at step 0, merge, disable."""
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=100, dim=32, n_layers=2, n_heads=4, intermediate_size=64)).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    before = model(ids)
+    n = add_lora(model, rank=4, targets=("q_proj", "v_proj"), alpha=8)
+    print(f"add_lora(rank=4, targets=q_proj,v_proj, alpha=8): {n:,} trainable parameters in {len(lora_modules(model))} "
+          f"modules: {', '.join(lora_modules(model))}")
+    print(f"adapter_config: {adapter_config(model)}")
+    print(f"B starts at zero, so the model is unchanged: max |Δlogits| = {(model(ids) - before).abs().max():.1e}")
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_()
+    after = model(ids)
+    with adapter_disabled(model):
+        off = model(ids)
+    merge(model)
+    merged = model(ids)
+    print(f"after a random B: the adapter moves the logits by {(after - before).abs().max():.3f}; with "
+          f"adapter_disabled it is the base again ({(off - before).abs().max():.1e}); merged into the base weights it "
+          f"gives the same logits ({(merged - after).abs().max():.1e})")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="LoRA injection, disabling, merging and PEFT export: a library that train.py "
+                                             "uses. Run without arguments for a short tour on a tiny random model; "
+                                             "the module docstring shows the calls.")
+    ap.parse_args()
+    main()

@@ -1,13 +1,19 @@
 """MemFT token weights and losses: SFT, MemFT-OT and the two MemFT-SW flavours (pure functions).
 
+    python memft.py                              # each method's weights on a small worked example
     python -m pytest -q tests/test_memft.py      # hand-worked checks
     python train.py --method ot ...              # train.py picks the weights via method_weights()
+
+Read after lora.py, top to bottom: the threshold, SFT and OT weights, the long-context sliding
+window (SW), PhoneBook's curriculum and the authors' schedules, then `weighted_loss` and
+`method_weights`, which train.py's `train_step` calls.
 
 Every method's loss is sum_t w_t * l_t / sum_t w_t, where l_t is the per-token cross-entropy and the
 weights w_t are computed from a detached copy of l_t. theta = -ln p* (ln 2 for p* = 0.5): a token
 with l_t < theta has p > p*, and for p* = 0.5 that makes it the greedy argmax.
 """
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +58,7 @@ def anchor_positions(mask: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sliding_weights(token_loss: torch.Tensor, mask: torch.Tensor, wrong: torch.Tensor,
-                    expansion=1.0, window: float = 50.0, tau: float = 20.0, floor: float = 0.01,
+                    expansion: float | torch.Tensor = 1.0, window: float = 50.0, tau: float = 20.0, floor: float = 0.01,
                     scale: float = 10.0, p: float = 0.5) -> torch.Tensor:
     """MemFT-SW, long-context flavour (intra-sample sliding window): w = w0 * m, shape (B, T).
 
@@ -94,7 +100,7 @@ class SlidingState:
     max_expansion: float = 4.0
     samples: dict = field(default_factory=dict)
 
-    def update(self, ids, anchors) -> torch.Tensor:
+    def update(self, ids: Sequence[int] | torch.Tensor, anchors: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Record this step's anchors (B,) for sample ids (B,); return the expansions E (B,) to use now."""
         out = []
         for i, a in zip(torch.as_tensor(ids).tolist(), torch.as_tensor(anchors).tolist()):
@@ -163,8 +169,8 @@ def paper_schedule(family: str, method: str, length: int) -> dict:
                 boundaries=list(bounds))
 
 
-def curriculum_size(n_samples: int, batch_size: int, epoch: int, boundaries,
-                    ratios=(0.2, 0.4, 0.6, 0.8, 1.0)) -> int:
+def curriculum_size(n_samples: int, batch_size: int, epoch: int, boundaries: Sequence[int],
+                    ratios: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0)) -> int:
     """Active sample count for MemFT-SW PhoneBook (inter-batch temporal curriculum) at `epoch`.
 
     rho_e = ratios[i] for the first i with epoch < boundaries[i] (the last ratio once past them all).
@@ -182,7 +188,8 @@ def curriculum_size(n_samples: int, batch_size: int, epoch: int, boundaries,
     return min(N // B * B, max(B, want))
 
 
-def weighted_loss(token_loss: torch.Tensor, weights: torch.Tensor, norm=None) -> torch.Tensor:
+def weighted_loss(token_loss: torch.Tensor, weights: torch.Tensor,
+                  norm: float | torch.Tensor | None = None) -> torch.Tensor:
     """sum w*l / sum w with the normaliser detached; 0 when all w are 0.
 
     Pass `norm` (the whole batch's sum of w) when the loss is computed chunk by chunk: the chunks'
@@ -194,8 +201,9 @@ def weighted_loss(token_loss: torch.Tensor, weights: torch.Tensor, norm=None) ->
 
 
 @torch.no_grad()
-def method_weights(method: str, token_loss: torch.Tensor, mask: torch.Tensor, wrong=None,
-                   expansion=1.0, p: float = 0.5, ot_fallback: str = "sft"):
+def method_weights(method: str, token_loss: torch.Tensor, mask: torch.Tensor, wrong: torch.Tensor | None = None,
+                   expansion: float | torch.Tensor = 1.0, p: float = 0.5,
+                   ot_fallback: str = "sft") -> tuple[torch.Tensor, dict]:
     """Weights (B, T) for one step of `method`, plus info {n_sub, skipped, sft_fallback}.
 
     n_sub counts answer tokens with l > theta over the batch. "ot" with n_sub == 0 falls back to
@@ -226,45 +234,28 @@ def method_weights(method: str, token_loss: torch.Tensor, mask: torch.Tensor, wr
     return torch.zeros_like(mask, dtype=torch.float32), info
 
 
-class ChunkedCE(torch.autograd.Function):
-    """Per-token CE and argmax from hidden states, never materialising the (N, V) logits.
-
-    Forward walks the N answer positions in chunks: logits = h·Wᵀ in fp32, loss_t = lse − logit[y],
-    and, when a gradient is needed, g_t = (softmax − onehot(y))·W, the gradient of loss_t w.r.t.
-    h_t. Backward is then only grad_loss_t · g_t. Any weighting Σ w_t·loss_t / Σw applied outside
-    with detached w stays exact, and the cost equals one unchunked forward plus backward.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, labels, chunk):
-        N = h.shape[0]
-        loss = torch.empty(N, dtype=torch.float32, device=h.device)
-        pred = torch.empty(N, dtype=torch.long, device=h.device)
-        need_grad = ctx.needs_input_grad[0]
-        grad_h = torch.empty_like(h) if need_grad else None
-        for i in range(0, N, chunk):
-            logits = (h[i : i + chunk] @ weight.t()).float()  # (c, V): the only (c, V) buffer
-            y = labels[i : i + chunk]
-            pred[i : i + chunk] = logits.argmax(dim=-1)
-            target = logits.gather(1, y[:, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            p = logits.sub_(top).exp_()  # in place: exp(logit - max), as logsumexp computes it
-            total = p.sum(dim=-1, keepdim=True)
-            loss[i : i + chunk] = (top + total.log()).squeeze(1) - target  # lse - logit[y]
-            if need_grad:
-                p.div_(total)  # softmax
-                p[torch.arange(len(y), device=p.device), y] -= 1.0
-                grad_h[i : i + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)
-        ctx.save_for_backward(grad_h)
-        ctx.mark_non_differentiable(pred)
-        return loss, pred
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_pred):
-        (grad_h,) = ctx.saved_tensors
-        return grad_loss[:, None].to(grad_h.dtype) * grad_h, None, None, None
+def main() -> None:
+    """Print every method's weights on one worked example: two samples of five answer tokens."""
+    torch.set_printoptions(precision=2, sci_mode=False)
+    p = torch.tensor([[0.9, 0.6, 0.3, 0.8, 0.2], [0.95, 0.9, 0.7, 0.99, 0.6]])  # target probabilities
+    loss = -p.log()                                                              # (B, T) per-token CE
+    mask = torch.ones_like(p, dtype=torch.bool)
+    wrong = p < 0.5  # here: the target is the argmax exactly when p > 0.5 (the sufficient condition)
+    print(f"target probability p:\n{p}\nper-token loss l = -ln p (threshold θ = ln 2 = {threshold():.3f}):\n{loss}")
+    for method in METHODS:
+        w, info = method_weights(method, loss, mask, wrong)
+        print(f"\n{method}: n_sub {info['n_sub']}, skipped {info['skipped']}, loss Σwl/Σw = "
+              f"{float(weighted_loss(loss, w)):.3f}\n{w}")
+    print("\nsw_curriculum trains with OT's weights on a growing active set of samples: curriculum_size(N=32, B=8) "
+          "by epoch with the paper's boundaries [20, 40, 60, 80, 300]: "
+          + ", ".join(f"epoch {e}: {curriculum_size(32, 8, e, curriculum_boundaries(100))}" for e in (0, 20, 40, 60, 80)))
 
 
-def chunked_token_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 512):
-    """(N, D) final hidden states, (V, D) output weights, (N,) labels -> per-token loss (N,), argmax (N,)."""
-    return ChunkedCE.apply(h, weight, labels, chunk)
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description="MemFT's token weights (SFT, OT, SW) as pure functions; train.py uses them. "
+                                        "Run without arguments to print each method's weights on a worked example.",
+                            epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
+                            ).parse_args()
+    main()

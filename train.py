@@ -31,14 +31,15 @@ from pathlib import Path
 
 import torch
 
+from convert import ConvertError, resolve_model_dir
 from data import SYSTEM, DataError, Example, facts, file_sha256, jsonl_task, load_tokenizer, make_task, read_facts
 from eval import (CERTIFICATE, LN2, PrefixCache, answer_losses, certify, evaluate, print_certificate, sampled_recall,
                   teacher_forced)
-from lora import (PRESETS, TARGETS, LoraError, adapter_disabled, add_lora, atomic_dir, load_adapter, lora_parameters,
-                  merge, save_adapter, unwrapped_state_dict)
+from lora import (PRESETS, TARGETS, LoraError, adapter_config, adapter_disabled, add_lora, atomic_dir, load_adapter,
+                  lora_parameters, merge, save_adapter, unwrapped_state_dict)
 from memft import (SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights,
                    paper_schedule, weighted_loss)
-from model import ModelArgs, ModelError, default_device_dtype, load_model, read_config, resolve_model_dir
+from model import ModelArgs, ModelError, default_device_dtype, load_model, read_config
 
 SCHEMA = 2  # 2: results carry `settings` and `processes`
 
@@ -305,7 +306,8 @@ def resolve_method(cfg: Config) -> str:
     return f"sw_{cfg.sw_flavour or ('window' if cfg.task == 'longctx' else 'curriculum')}"
 
 
-def schedule(n: int, cfg: Config, method: str, length: int, boundaries=None) -> list[list[list[int]]]:
+def schedule(n: int, cfg: Config, method: str, length: int,
+             boundaries: list[int] | None = None) -> list[list[list[int]]]:
     """Every optimizer step's micro-batches (lists of example indices), fixed by the seed up front.
 
     Plain methods reshuffle each epoch. MemFT-SW's curriculum shuffles once and trains the first
@@ -391,7 +393,8 @@ def answer_mask(batch: list[Example], width: int) -> torch.Tensor:
     return torch.arange(width)[None] < lens[:, None]
 
 
-def memft_weights(method: str, ot_fallback: str, batch: list[Example], losses, mask, wrong, state: MemState):
+def memft_weights(method: str, ot_fallback: str, batch: list[Example], losses: torch.Tensor, mask: torch.Tensor,
+                  wrong: torch.Tensor, state: MemState) -> tuple[torch.Tensor, dict]:
     """MemFT token weights (B, A) for a whole micro-batch; records each sample's window and exactness."""
     E = 1.0
     if method == "sw_window":  # the window's expansion depends on how long each sample's anchor stayed put
@@ -402,14 +405,17 @@ def memft_weights(method: str, ot_fallback: str, batch: list[Example], losses, m
     return w, info
 
 
-def train_step(model, batch: list[Example], method: str, ot_fallback: str, pad: int, prefix, state: MemState,
-               n_micro: int = 1, procs: "Processes | None" = None) -> dict:
+def train_step(model: torch.nn.Module, batch: list[Example], method: str, ot_fallback: str, pad: int,
+               prefix: PrefixCache | None, state: MemState, n_micro: int = 1,
+               procs: "Processes | None" = None) -> dict:
     """One micro-batch, top to bottom: forward, per-token loss, MemFT weights, backward.
 
     Adds this micro-batch's share of the gradient to the LoRA weights' .grad and returns its
-    tallies. With several processes each runs its share of the batch, and `procs.gather` hands
-    every process the whole batch's token losses: the weights, and the state they update, are
-    then exactly the single-process ones, computed alike on every process.
+    tallies. In one process, with no prefix cache, it is the plain step: `share`, `gather` and
+    `mine` hand back the whole batch, and `replicated_scale` is 1. With several processes each runs
+    its share of the batch, and `procs.gather` hands every process the whole batch's token losses:
+    the weights, and the state they update, are then exactly the single-process ones, computed alike
+    on every process (tests/test_scale.py). The prefix cache is a fast path with the same numbers.
     """
     procs = procs or Processes()
     width = max(len(e.answer) for e in batch)                         # A: the longest answer
@@ -537,7 +543,7 @@ class Processes:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def shard(model, world: int) -> None:
+def shard(model: torch.nn.Module, world: int) -> None:
     """FSDP2: shard each decoder layer's frozen weights over the processes. LoRA weights stay whole on every process (they are tiny, fp32, and their
     gradients are summed by hand), and so do embeddings, final norm and head, which the chunked loss
     reads outside forward. Sharding those as FSDP's root would not lower peak memory: FSDP2 keeps
@@ -553,7 +559,7 @@ def shard(model, world: int) -> None:
 
 
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Let freed activation buffers go back to the OS at once (glibc; a no-op elsewhere).
+    """CPU runs: let freed activation buffers go back to the OS at once (glibc; a no-op elsewhere).
 
     glibc serves big allocations with mmap and unmaps them on free, but each free raises that
     threshold (up to 32 MiB), after which activations come from its own heap, which it keeps: at
@@ -617,7 +623,7 @@ class RunFiles:
 class RunLock:
     """One launch at a time per run: an exclusive flock on <out>/<name>.lock, which holds the owner's pid."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self.path, self.fh = path, None
 
     def acquire(self) -> None:
@@ -645,7 +651,7 @@ class RunLock:
             self.fh = None
 
 
-def atomic_json(path: Path, obj) -> None:
+def atomic_json(path: Path, obj: dict | list) -> None:
     """Write via a temporary file and a rename; a failed write leaves neither a half file nor the temporary."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -671,7 +677,8 @@ def set_rng_states(t: torch.Tensor) -> None:
         torch.cuda.set_rng_state(t[n:].clone())
 
 
-def save_checkpoint(path: Path, model, opt, state: dict, procs: "Processes") -> None:
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict,
+                    procs: "Processes") -> None:
     """LoRA weights, AdamW moments and every process's RNG in safetensors; the rest in JSON. Never pickled.
 
     Called on every process (each contributes its RNG state); process 0 writes.
@@ -692,14 +699,14 @@ def save_checkpoint(path: Path, model, opt, state: dict, procs: "Processes") -> 
     for r, t in enumerate(rngs):
         tensors[f"rng{r}"] = t
 
-    def write(d: Path):
+    def write(d: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "state.safetensors"))
         (d / "state.json").write_text(json.dumps({**state, "adam_steps": steps}))
 
     atomic_dir(path, write)
 
 
-def load_checkpoint(path: Path, model, opt, procs: "Processes") -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, procs: "Processes") -> dict:
     """Restore LoRA weights, AdamW moments and this process's own RNG state; returns the JSON state."""
     from safetensors.torch import load_file
 
@@ -732,24 +739,24 @@ def find_checkpoint(ckpt: Path) -> dict | None:
 class StopRequest:
     """The first Ctrl-C asks the run to stop after the current step (with a checkpoint); a second one stops it at once."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requested = False
         self.previous = None
 
-    def __enter__(self):
+    def __enter__(self) -> "StopRequest":
         try:
             self.previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread: leave Ctrl-C alone
             self.previous = None
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> bool:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
         return False
@@ -870,7 +877,8 @@ SNAPSHOT_SAMPLE_KEYS = ("id", "delta_loss", "token_acc", "exact_match", "first_f
                         "stubborn_positions")
 
 
-def snapshot(model, ex, loss_init, pad, prefix, step: int) -> dict:
+def snapshot(model: torch.nn.Module, ex: list[Example], loss_init: list[torch.Tensor], pad: int,
+             prefix: PrefixCache | None, step: int) -> dict:
     """ΔL, token accuracy, exact match, stubborn tokens and first failure (teacher-forced) at `step`."""
     res = evaluate(model, ex, loss_init, pad, prefix, decode=False)
     per = [{k: s[k] for k in SNAPSHOT_SAMPLE_KEYS} for s in res["per_sample"]]
@@ -878,7 +886,8 @@ def snapshot(model, ex, loss_init, pad, prefix, step: int) -> dict:
                                                                        "em_disagreements")}, per_sample=per)
 
 
-def memorized(model, ex, pad, prefix, state: MemState, step: int, every: int) -> bool:
+def memorized(model: torch.nn.Module, ex: list[Example], pad: int, prefix: PrefixCache | None, state: MemState,
+              step: int, every: int) -> bool:
     """Phase boundary: every answer token has p > 0.5 with dropout off (then greedy recall is exact).
 
     Checked every `every` steps, or at once when the last training pass saw every sample exact.
@@ -946,7 +955,7 @@ def main(cfg: Config) -> dict:
 
 
 def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: dict) -> dict:
-    return_freed_memory()
+    """Data, model and adapter, L_init, the training loop, the evaluation and the results file."""
     t_start = time.perf_counter()
     tok = load_tokenizer(cfg.model)  # data first: its errors come before the slow model load
     task = make_task(tok, cfg.task, cfg.length, cfg.noise, cfg.seed_of_data, cfg.data, cfg.text, cfg.samples)
@@ -956,22 +965,23 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
     device = cfg.device
     if device is None and procs.world > 1 and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    if default_device_dtype(device)[0].type == "cpu":
+        return_freed_memory()
+    model = load_model(resolve_model_dir(cfg.model), dtype=cfg.dtype, device=device,
+                       checkpoint_layers=cfg.activation_checkpointing, compile_layers=cfg.compile)
     lcfg = resolve_lora(cfg, model.args.n_layers)
     n_params = add_lora(model, cfg.rank, **lcfg)
-    # Saved with the adapter: the base model's real folder (for PEFT) and the prompt format (for eval.py).
-    model.lora_config |= dict(base_model_path=base_model_path(cfg.model), prompt=dict(
+    # Saved with the adapter: the base model and its real folder (for PEFT), the prompt format (for eval.py).
+    adapter_info = dict(base_model=cfg.model, base_model_path=base_model_path(cfg.model), prompt=dict(
         system=SYSTEM, systems=task.systems, chat_template_kwargs=dict(enable_thinking=False)))
     if cfg.data:  # what eval.py --certify measures again, refused when the file changed
-        model.lora_config["data"] = dict(path=str(Path(cfg.data).resolve()), sha256=file_sha256(cfg.data))
-    layers = model.lora_config["layers"]
+        adapter_info["data"] = dict(path=str(Path(cfg.data).resolve()), sha256=file_sha256(cfg.data))
+    layers = adapter_config(model)["layers"]
     prefix = PrefixCache(model, min(layers), cfg.prefix_cache_mb) if min(layers) > 0 else None
     if procs.world > 1:
         shard(model, procs.world)
         if prefix is not None and not prefix.fill(ex):  # processes must run layers in lockstep
             prefix = None
-    model.activation_checkpointing = cfg.activation_checkpointing
-    model.compile_layers = cfg.compile
 
     with adapter_disabled(model):  # L_init: the frozen model's loss, computed once
         loss_init = [loss for loss, _ in teacher_forced(model, ex, pad, prefix=prefix)]
@@ -1013,7 +1023,7 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
                   time_s=round(trained["time_s"], 2), wall_s=round(time.perf_counter() - t_start, 2),
                   snapshots=trained["snapshots"], history=trained["history"], per_sample=res["per_sample"])
     if procs.rank == 0:
-        write_results(files, model, result)
+        write_results(files, model, result, adapter_info)
     procs.barrier()  # the files exist before any process moves on (a sweep's next run looks for them)
     return result
 
@@ -1024,11 +1034,12 @@ def base_model_path(model: str) -> str:
     return str(resolve_model_dir(model).resolve()) if local else model
 
 
-def write_results(files: RunFiles, model, result: dict) -> None:
+def write_results(files: RunFiles, model: torch.nn.Module, result: dict, adapter_info: dict) -> None:
+    """The adapter folder, then the results file, then the checkpoint goes; and the summary line."""
     import shutil
 
     try:
-        save_adapter(model, files.adapter)
+        save_adapter(model, files.adapter, adapter_info)
         atomic_json(files.result, result)
     except OSError as e:
         raise RunError(f"could not write the results to {files.out} ({e.strerror or e}); training is kept in "
@@ -1059,7 +1070,7 @@ def write_merged(cfg: Config, adapter: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     src = resolve_model_dir(cfg.model)
-    model = load_model(cfg.model, dtype="fp32", device="cpu")
+    model = load_model(src, dtype="fp32", device="cpu")
     load_adapter(model, adapter)
     merge(model)
     sd = {k: v.contiguous() for k, v in unwrapped_state_dict(model).items()}
@@ -1072,7 +1083,7 @@ def write_merged(cfg: Config, adapter: Path, out: Path) -> None:
     tokenizer = [f for f in src.iterdir() if f.name.startswith("tokenizer") or f.name in (
         "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")]
 
-    def write(d: Path):
+    def write(d: Path) -> None:
         save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
         (d / "config.json").write_text(json.dumps(config, indent=2))
         for f in tokenizer:
@@ -1240,7 +1251,7 @@ def run_grid(cfg: Config, sweep: dict) -> None:
     say(f"sweep finished: {len(grid)} runs in {fmt_time(time.perf_counter() - t0)}")
 
 
-def parse(argv=None) -> tuple[Config, dict]:
+def parse(argv: list[str] | None = None) -> tuple[Config, dict]:
     import argparse
 
     c = Config()
@@ -1281,7 +1292,9 @@ def parse(argv=None) -> tuple[Config, dict]:
     g.add_argument("--method", default=c.method, help="sft | ot | sw (MemFT) (default %(default)s)")
     g.add_argument("--sw-flavour", default=None, help="window | curriculum (default: window for longctx)")
     g.add_argument("--ot-fallback", default=c.ot_fallback, help="when no token is sub-threshold: sft | skip")
-    g.add_argument("--lr", type=float, default=c.lr, help="AdamW peak lr, linear decay (default %(default)s)")
+    g.add_argument("--lr", type=float, default=c.lr,
+                   help="AdamW learning rate: the peak of a linear decay, or the constant one (see --schedule) "
+                        "(default %(default)s)")
     g.add_argument("--epochs", type=int, default=c.epochs, help="passes over the data (default %(default)s; ignored with --steps)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=c.batch_size, help="samples per micro-batch (default %(default)s)")
@@ -1367,7 +1380,7 @@ def interrupted_line(cfg: Config) -> str:
     return f"interrupted: the checkpoint at step {st['step']} is in {ckpt}; run the same command to resume"
 
 
-def cli(argv=None) -> None:
+def cli(argv: list[str] | None = None) -> None:
     cfg, sweep = parse(argv)
     first = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process speaks for all
     try:
@@ -1384,7 +1397,7 @@ def cli(argv=None) -> None:
         sys.exit(f"{e}" if first else 130)
     except KeyboardInterrupt:
         sys.exit(interrupted_line(cfg) if first else 130)
-    except (RunError, ModelError, DataError, LoraError) as e:
+    except (RunError, ModelError, DataError, LoraError, ConvertError) as e:
         sys.exit(f"error: {e}" if first else 1)
     finally:
         if "torch.distributed" in sys.modules:

@@ -33,23 +33,25 @@ PROMPT = "Write a long, detailed essay about the history of Paris."
 
 def main(new_tokens: int, repeats: int, warmup: int, convert: bool, threads: int) -> None:
     torch.set_num_threads(threads)
-    import convert as conv
     from transformers import AutoModelForCausalLM
 
+    import convert as conv
+    from convert import resolve_model_dir
     from data import load_tokenizer
     from eval import generate
     from model import load_model
 
     folder = conv.builtin_model_dir()
-    load_model("default")  # first load warms the page cache, so the timed loads measure our code
-    load_s = statistics.median(timed(lambda: load_model("default"))[0] for _ in range(3))
+    folder = resolve_model_dir("default")
+    load_model(folder)  # first load warms the page cache, so the timed loads measure our code
+    load_s = statistics.median(timed(lambda: load_model(folder))[0] for _ in range(3))
     emit(bench="load_model", ours_s=round(load_s, 3), goal_s=2.0, ok=load_s < 2.0)
     if convert:
         with tempfile.TemporaryDirectory() as tmp:
             conv_s, _ = timed(lambda: conv.convert_gguf(conv.find_gguf(), Path(tmp)))
         emit(bench="convert_gguf", ours_s=round(conv_s, 2), goal_s=30.0, ok=conv_s < 30.0)
 
-    model = load_model("default")
+    model = load_model(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = load_tokenizer("default")
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)

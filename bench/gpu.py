@@ -39,13 +39,13 @@ NOMINAL_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.
 RANK = 16
 
 
-def random_model(shape: str, device, dtype):
+def random_model(shape: str, device, dtype, checkpoint_layers: bool = False):
     """The shape's Transformer with random weights, built without reading anything."""
     from model import ModelArgs, Transformer, rope_inv_freq
 
     args = ModelArgs.from_config(SHAPES[shape])
     with torch.device("meta"):
-        m = Transformer(args).to(dtype)
+        m = Transformer(args, checkpoint_layers=checkpoint_layers).to(dtype)
     m.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -55,7 +55,6 @@ def random_model(shape: str, device, dtype):
             else:
                 p.normal_(0.0, 0.02, generator=g)
     m.inv_freq = rope_inv_freq(args).to(device)
-    m.name = shape
     return m.requires_grad_(False).eval(), args
 
 
@@ -64,7 +63,6 @@ def peaks(device, dtype) -> tuple[float, float]:
     n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     tflops = 2 * n**3 / best_seconds(lambda: a @ b, 10, device) / 1e12
-    del a, b
     size = 2**30 if device.type == "cuda" else 2**26  # bytes
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -100,7 +98,7 @@ def train_step(model, args, answer_tokens: int, device, repeats: int, peak_tflop
     row = dict(bench=f"gpu/train/{answer_tokens}", answer_tokens=answer_tokens, seq_tokens=T + 1,
                step_s=round(s, 4), tokens_per_s=round((T + 1) / s, 1), tflop=round(flops / 1e12, 2),
                tflops=round(flops / s / 1e12, 1), mfu_measured_peak=round(flops / s / 1e12 / peak_tflops, 3),
-               activation_checkpointing=model.activation_checkpointing)
+               activation_checkpointing=model.checkpoint_layers)
     if nominal:
         row["mfu_nominal_peak"] = round(flops / s / 1e12 / nominal, 3)
     if device.type == "cuda":
@@ -136,12 +134,11 @@ def main(a) -> None:
     nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None) if dtype == torch.bfloat16 else None
     emit(bench="gpu/peaks", device=name, dtype=a.dtype, matmul_tflops=round(tflops, 1), copy_gbs=round(gbs, 1),
          nominal_tflops=nominal)
-    model, args = random_model(a.shape, device, dtype)
+    model, args = random_model(a.shape, device, dtype, a.activation_checkpointing)
     if a.decode_tokens:
         decode(model, args, a.decode_tokens, device, gbs)
     add_lora(model, RANK, ("q_proj", "v_proj"))
     model.train()
-    model.activation_checkpointing = a.activation_checkpointing
     for n in a.answer_tokens:
         train_step(model, args, n, device, a.repeats, tflops, nominal)
 

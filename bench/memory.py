@@ -53,8 +53,9 @@ def reset_peak() -> bool:
 def child(variant: str, answer_tokens: int, threads: int) -> dict:
     """Set up one variant, then measure the resident-memory growth of a single training step."""
     torch.set_num_threads(threads)
-    from train import return_freed_memory
     from train_step import make_example
+
+    from train import return_freed_memory
 
     if variant != "peft":
         return_freed_memory()
@@ -79,14 +80,14 @@ def child(variant: str, answer_tokens: int, threads: int) -> dict:
         def loss_fn():
             return m(input_ids=ids, labels=labels).loss
     else:
+        from convert import resolve_model_dir
         from eval import answer_losses
         from lora import add_lora, lora_parameters
         from memft import token_loss, weighted_loss
         from model import load_model
 
-        m = load_model("default")
+        m = load_model(resolve_model_dir("default"), checkpoint_layers=variant == "ours_chunked_ckpt")
         add_lora(m, RANK, ("q_proj", "v_proj"))
-        m.activation_checkpointing = variant == "ours_chunked_ckpt"
         params = lora_parameters(m)
         ids, labels = collate([ex], pad)
 

@@ -92,18 +92,18 @@ def make_example(tok, n_answer: int, seed: int = 0):
 
 def ours_step_fn(targets, layers, init, dropout, use_prefix, example, pad, compile_layers=False):
     """A closure running one of our training steps, and its (first adapted layer, layers run, params)."""
+    from convert import resolve_model_dir
     from data import collate
     from eval import PrefixCache, answer_losses
-    from lora import add_lora, lora_parameters
+    from lora import adapter_config, add_lora, lora_parameters
     from memft import weighted_loss
     from model import load_model
 
-    m = load_model("default")
+    m = load_model(resolve_model_dir("default"), compile_layers=compile_layers)  # train.py --compile
     n = add_lora(m, RANK, targets, layers=layers, init=init, dropout=dropout)
     m.train()
-    m.compile_layers = compile_layers  # train.py --compile
     opt = torch.optim.AdamW(lora_parameters(m), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
-    first = min(m.lora_config["layers"])
+    first = min(adapter_config(m)["layers"])
     prefix = PrefixCache(m, first) if use_prefix and first > 0 else None
     if prefix is not None:  # warm it once: training reuses the frozen layers' output every step
         prefix.batch([example], collate([example], pad)[0])
@@ -158,8 +158,9 @@ def compare(ours, peer, warmup, repeats):
 
 def main(answer_tokens: int, repeats: int, warmup: int, threads: int, variants: list[str]) -> None:
     torch.set_num_threads(threads)
+    from convert import resolve_model_dir
     from data import load_tokenizer
-    from model import ModelArgs, read_config, resolve_model_dir
+    from model import ModelArgs, read_config
 
     tok = load_tokenizer("default")
     args = ModelArgs.from_config(read_config(resolve_model_dir("default")))

@@ -16,9 +16,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from fitlaw import fit_law, law, mape, plot_grid, r_squared, replicate_means, spearman  # noqa: E402
-
 import convergence  # noqa: E402  (docs/convergence.py: the convergence study's block)
+from convergence import table  # noqa: E402  (one markdown table format for both)
+
+from fitlaw import fit_law, law, mape, plot_grid, r_squared, replicate_means, spearman  # noqa: E402
 
 DOC = ROOT / "docs" / "REPRODUCTION.md"
 LAW_RANKS, LAW_LENGTHS = (1, 2, 4, 8, 16, 32), (50, 100, 200, 400, 800)  # study 1: the full grid, rho = 1
@@ -43,12 +44,6 @@ def load(results: Path) -> list[dict]:
         r["_file"] = f.name
         runs.append(r)
     return runs
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    fmt = lambda v: "–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
 
 
 def fmt_set(xs) -> str:

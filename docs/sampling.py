@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from convert import resolve_model_dir  # noqa: E402
 from data import load_tokenizer, make_task  # noqa: E402
 from eval import sampled_recall  # noqa: E402
 from lora import load_adapter  # noqa: E402
@@ -53,7 +54,7 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def measure(run: dict, adapter: Path, k: int, temperatures: list[float]) -> list[dict]:
     """One memorised run: per temperature, predicted and (k > 0) sampled exact recall of its answers."""
     tok = load_tokenizer(run["model"])
-    model = load_model(run["model"])
+    model = load_model(resolve_model_dir(run["model"]))
     task = make_task(tok, run["task"], run["length"], run.get("noise"), run.get("data_seed", run["seed"]),
                      run.get("data"), run.get("text"), run.get("n_samples", 100))
     load_adapter(model, adapter)

@@ -111,6 +111,7 @@ def test_plateau_stop_fires_and_is_recorded(tiny_chat, tmp_path):
     assert full["stop_reason"] == "budget" and full["stopped_at"] is None and full["budget"] == 3
 
 
+@pytest.mark.slow
 def test_sw_equals_ot_when_the_curriculum_is_inactive(tiny_chat, tmp_path, capsys):
     """With every sample in one batch the curriculum trains them all from step 1, and its loss is OT
     with the skip fallback: the two runs match (up to the order of samples inside the batch)."""

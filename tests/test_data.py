@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import ROOT
 
 import convert
-from conftest import ROOT
 from data import (LONGCTX_QUESTION, PROSE, DataError, Example, add_noise, collate, load_tokenizer, make_task,
                   read_jsonl, regular_ids)
 

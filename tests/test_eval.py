@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import hf_model
 
 import train
-from conftest import hf_model
 from data import load_tokenizer, make_task
 from eval import LN2, evaluate, first_failures, teacher_forced
 from lora import adapter_disabled, load_adapter, lora_modules, merge

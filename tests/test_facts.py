@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hf_model
 
 import eval as ev
 import train
-from conftest import hf_model
-from data import SYSTEM, DataError, facts, jsonl_task, load_tokenizer, make_task, read_facts
+from data import SYSTEM, DataError, facts, jsonl_task, load_tokenizer, make_task
 from lora import load_adapter
 from model import load_model
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import hf_model
-from lora import (LINEAR, PRESETS, LoraError, adapter_disabled, add_lora, load_adapter, lora_modules, merge,
-                  save_adapter, unmerge)
+
+from lora import (LINEAR, PRESETS, LoraError, adapter_config, adapter_disabled, add_lora, load_adapter, lora_modules,
+                  merge, save_adapter, unmerge)
 from model import load_model, rope_cos_sin
 
 MODELS = ["tiny_llama", "tiny_qwen3"]
@@ -149,7 +149,7 @@ def test_dropout_placement_closed_form(preset, tiny_llama):
     p, seed = 0.5, 7
     m = load_model(tiny_llama)
     add_lora(m, rank=4, targets=("v_proj",), layers=[0], alpha=8, dropout=p, init=PRESETS[preset]["init"])
-    assert m.lora_config["dropout_at"] == PRESETS[preset]["dropout_at"]
+    assert adapter_config(m)["dropout_at"] == PRESETS[preset]["dropout_at"]
     randomize_B(m)
     mod = lora_modules(m)["model.layers.0.self_attn.v_proj"]  # 64 -> 32, so a misplaced mask cannot fit
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
@@ -189,7 +189,7 @@ def test_peft_loads_our_adapter(fixture, layers, init, alpha, peft_alpha, reques
     add_lora(m, rank=4, targets=("q_proj", "v_proj"), layers=layers, alpha=alpha, init=init)
     randomize_B(m)
     ours = logits(m, idx)
-    save_adapter(m, tmp_path / "adapter")
+    save_adapter(m, tmp_path / "adapter", dict(base_model=str(path)))
 
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
@@ -220,7 +220,8 @@ def test_save_load_round_trip(kw, tiny_qwen3, tmp_path):
     save_adapter(m, tmp_path / "a")
     fresh = load_model(tiny_qwen3)
     cfg = load_adapter(fresh, tmp_path / "a")
-    assert cfg == m.lora_config
+    assert cfg == adapter_config(m) == adapter_config(fresh)
+    assert cfg["targets"] == list(kw["targets"]) and cfg["layers"] == kw["layers"] and cfg["rank"] == 4
     assert torch.equal(logits(fresh, idx), want)
     is_mlp = "mlp" in kw["targets"]
     names = {p.name for p in (tmp_path / "a").iterdir()}

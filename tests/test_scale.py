@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from data import Example, collate
 from eval import PrefixCache, answer_losses
 from lora import add_lora, lora_parameters
@@ -72,6 +72,7 @@ def test_chunked_ce_equals_full_logits(tiny_llama, method):
         assert (a - b).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_prefix_cache_equals_uncached_after_steps(tiny_llama):
     ex = _examples(4)
     finals = []
@@ -113,6 +114,7 @@ def _train(args, out, env=None, torchrun=False, script="train.py", name="run", c
     return p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [("ot", ["--batch-size", "4"]), ("sw", ["--batch-size", "3"])])
 def test_fsdp_two_processes_match_one(tiny_chat, tmp_path, method, extra):
     # batch 4 splits 2 + 2 over the processes, batch 3 splits 2 + 1
@@ -131,6 +133,7 @@ def _facts(path, rows) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [["ot", "--ot-fallback", "skip"], ["sw", "--sw-flavour", "window"],
                                     ["sw", "--sw-flavour", "curriculum"]], ids=["ot-skip", "sw-window", "sw-curriculum"])
 def test_data_parallel_memft_finishes_when_one_share_is_memorised_first(tiny_chat, tmp_path, method):
@@ -152,6 +155,7 @@ def test_data_parallel_memft_finishes_when_one_share_is_memorised_first(tiny_cha
     assert two["token_acc"] == one["token_acc"] == 1.0 and two["exact_match"] == one["exact_match"] == 1.0
 
 
+@pytest.mark.slow
 def test_torchrun_sweep_runs_every_run_on_both_processes(tiny_chat, tmp_path):
     """Under torchrun a sweep runs its runs one after another, each over all the processes; each result
     equals the same run done alone in one process."""
@@ -182,6 +186,7 @@ train.cli(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_torchrun_resume_restores_each_process_rng(tiny_chat, tmp_path):
     """Each process draws its own dropout masks; a resumed 2-process run equals the uninterrupted one
     only if every process gets its own RNG state back, not process 0's."""
@@ -206,6 +211,7 @@ def test_torchrun_resume_restores_each_process_rng(tiny_chat, tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.slow
 def test_fsdp_sliding_windows_follow_samples_across_processes(tiny_chat, tmp_path):
     """MemFT-SW's window state is per sample; split over processes, a sample lands on a different
     process from step to step, so every process must keep every sample's window. Answers of 150
@@ -222,6 +228,7 @@ def test_fsdp_sliding_windows_follow_samples_across_processes(tiny_chat, tmp_pat
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one["history"], two["history"], strict=True)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_early_stop_fires_at_the_phase_boundary(tiny_chat, tmp_path):
     args = ["--model", str(tiny_chat), "--task", "longctx", "--length", "12", "--noise", "1.0", "--rank", "8",
             "--preset", "standard", "--targets", "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj", "--lr", "2e-2",
@@ -236,6 +243,7 @@ def test_early_stop_fires_at_the_phase_boundary(tiny_chat, tmp_path):
     assert r["stubborn"] == 0 and r["exact_match"] == 1.0 and r["em_disagreements"] == 0
 
 
+@pytest.mark.slow
 def test_compiled_layers_match_eager(tiny_chat, tmp_path):
     """--compile fuses the layers' elementwise work; the loss history matches the eager run."""
     args = ["--model", str(tiny_chat), "--task", "phonebook", "--length", "20", "--rank", "4", "--preset",

@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
+from conftest import run_script
 
 import train
 from lora import lora_parameters
-from conftest import run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,6 +37,7 @@ def cli_run(tiny_chat, tmp_path_factory):
     return out, p
 
 
+@pytest.mark.slow
 def test_cli_run_writes_results_and_adapter(cli_run, tiny_chat):
     out, p = cli_run
     assert p.returncode == 0, p.stderr
@@ -137,6 +138,7 @@ RESUME_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", RESUME_CASES)
 def test_resume_after_kill_equals_uninterrupted_run(case, tiny_chat, tmp_path, monkeypatch, capsys):
     kw = dict(RESUME_CASES[case], steps=12, save_every=4, name="r")
@@ -274,7 +276,7 @@ def test_nonfinite_loss_stops_with_one_line_and_no_result(tiny_chat, tmp_path, m
 
 
 def test_failed_write_leaves_no_temporary_files_and_keeps_the_training(tiny_chat, tmp_path, monkeypatch, capsys):
-    def full_disk(model, path):  # the adapter write fails as on a full disk
+    def full_disk(model, path, info=None):  # the adapter write fails as on a full disk
         def write(d):
             (d / "adapter.safetensors").write_bytes(b"partial")
             raise OSError(28, "No space left on device")
@@ -294,6 +296,7 @@ def test_failed_write_leaves_no_temporary_files_and_keeps_the_training(tiny_chat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "r.json"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_chat, tmp_path):
     cmd = [sys.executable, "train.py", "--model", str(tiny_chat), "--task", "longctx", "--length", "30", "--rank",
            "2", "--steps", "100000", "--save-every", "100000", "--out", str(tmp_path / "out"), "--name", "r"]
@@ -318,6 +321,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_chat, tmp_path):
     assert state["step"] == step >= 1 and not (tmp_path / "out" / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_shell(tiny_chat, tmp_path):
     """The same in a real process: exit status, a single stderr line, no traceback."""
     out = tmp_path / "out"
