@@ -261,8 +261,11 @@ def test_recall_through_eval_uses_the_training_prompt(staff_run, monkeypatch, ca
         assert ev.reply(None, row["query"], 32, adapter=staff_run["adapter"]) == target  # no --system
         assert seen[-1] == e.prompt  # the very prompt it was trained on: same system turn, same template
     assert capsys.readouterr().out.splitlines() == staff_run["targets"]  # what the command prints
-    # eval.py's metrics mode reads the run's facts file back
-    assert ev.main(None, str(staff_run["adapter"]))["exact_match"] == 1.0
+    # eval.py's metrics mode reads the run's facts file back; with every answer recalled it says so, rather than
+    # printing the shortest answer's length as a "first failure"
+    res = ev.main(None, str(staff_run["adapter"]))
+    assert res["exact_match"] == 1.0 and res["first_failure"] == min(len(e.answer) for e in staff_run["ex"])
+    assert "first_failure: none: every answer recalled exactly" in capsys.readouterr().out
 
 
 @pytest.mark.slow
