@@ -426,24 +426,34 @@ def paired(a: list[float], b: list[float]) -> str:
     return out
 
 
-MEMFT = {  # stage: (task, noise, ℓ, rank, budget in steps), its metric, and how it is described
-    "long context": (("longctx", 1.0, 50, 1, 1000), "token_acc",
-                     "ℓ = 50 random ids at rank 1, where SFT stays below exact recall; 1000 steps"),
-    "PhoneBook": (("phonebook", None, 320, 2, 800), "exact_match",
+EQUAL = dict(schedule="constant", paper_schedule=None)  # stages 3 and 4: one budget, a constant lr
+MEMFT = {  # stage: the settings its runs share, its metric, and how it is described
+    "long context": (dict(task="longctx", noise=1.0, length=50, rank=1, budget=1000, **EQUAL), "token_acc",
+                     "ℓ = 50 random ids at rank 1, where SFT stays below exact recall; 1000 steps for every method at "
+                     "a constant lr 1e-2"),
+    "PhoneBook": (dict(task="phonebook", noise=None, length=320, rank=2, budget=800, **EQUAL), "exact_match",
                   "32 numbers (ℓ = 320 digits) at rank 2 with batch 8, so SW's curriculum grows its active set "
-                  "from 8 to 32 numbers; 200 epochs (800 steps)"),
+                  "from 8 to 32 numbers; 200 epochs (800 steps) for every method at a constant lr 1e-2"),
+    "PhoneBook, the authors' schedules": (
+        dict(task="phonebook", noise=None, length=320, rank=2, paper_schedule="qwen"), "exact_match",
+        "The same book and rank under the authors' Qwen PhoneBook tables (`--paper-schedule qwen`): SFT and OT "
+        "at batch 4 for 200 epochs (1,600 steps), SW at batch 10 for 300 epochs with the curriculum boundaries "
+        "[20, 40, 60, 80, 300] (760 steps, 1.5× SFT's epochs), all at lr 1e-2 decaying linearly"),
 }
 
 
+def memft_arm(r: dict, label: str) -> bool:
+    """Whether run r belongs to a MemFT stage: its settings, the memft folder, and seed i on data seed i."""
+    return r["_memft"] and r.get("data_seed") == r["seed"] and all(r.get(k) == v for k, v in MEMFT[label][0].items())
+
+
 def memft(runs: list[dict], label: str) -> list[str]:
-    """Stages 3 and 4: MemFT-OT and -SW against SFT at the same budget, seed by seed (seed i on data
-    seed i), with paired tests on the stage's metric (token accuracy; PhoneBook: numbers recalled)."""
-    key, metric, what = MEMFT[label]
+    """Stages 3, 4 and 8: MemFT-OT and -SW against SFT, seed by seed (seed i on data seed i), with paired
+    tests on the stage's metric (token accuracy; PhoneBook: numbers recalled)."""
+    _, metric, what = MEMFT[label]
     arms = {}
-    for r in runs:
-        if (r["task"], r.get("noise"), r["length"], r["rank"], r.get("budget")) == key and r["_memft"] and \
-                r.get("schedule") == "constant" and r.get("data_seed") == r["seed"] and not r.get("paper_schedule"):
-            arms.setdefault(r["method"], {})[r["seed"]] = r
+    for r in (r for r in runs if memft_arm(r, label)):
+        arms.setdefault(r["method"], {})[r["seed"]] = r
     seeds = sorted(set.intersection(*(set(v) for v in arms.values()))) if len(arms) == 3 else []
     if len(seeds) < 2:
         return []
@@ -459,7 +469,7 @@ def memft(runs: list[dict], label: str) -> list[str]:
         if m != "sft":
             tests.append(f"- {m.upper()} − SFT: " + paired([arms["sft"][s][metric] for s in seeds], v))
     return [f"### MemFT against SFT, {label}", "",
-            f"{what}, at a constant lr 1e-2, the same budget for every method, stopping once memorised. "
+            f"{what}, stopping once memorised. "
             f"{len(seeds)} paired seeds: seed i trains every method on data seed i. Per seed: the {name}; its "
             "mean ± sd; runs recalled entirely; the step of entire recall (– = not within the budget).", "",
             table(["method"] + [f"seed {s}" for s in seeds] + ["mean ± sd", "all exact", "steps to all exact"], rows),
@@ -517,10 +527,7 @@ def summary_csv(runs: list[dict]) -> str:
 def stages(runs: list[dict], folder: Path) -> list[str]:
     """How far each stage of docs/reproduce.sh (and the two scripts beside it) has come."""
     grid = grid_runs(runs)
-    lc_key, _, _ = MEMFT["long context"]
-    pb_key, _, _ = MEMFT["PhoneBook"]
-    arm = lambda key: sum((r["task"], r.get("noise"), r["length"], r["rank"], r.get("budget")) == key  # noqa: E731
-                          and r.get("data_seed") == r["seed"] and r["_memft"] for r in runs)
+    arm = lambda label: sum(memft_arm(r, label) for r in runs)  # noqa: E731
     probes = len(grid_runs(runs, lengths=None)) - len(grid)
     sampled = folder / "sampling.json"
     rows = [["1. budget curve: ranks {1, 4, 16} at ℓ = 100, 2000 steps", "6",
@@ -528,14 +535,16 @@ def stages(runs: list[dict], folder: Path) -> list[str]:
                  for r in grid)],
             ["2. law grid: ranks {1, 2, 4, 8, 16, 32} × ℓ {25, 50, 100, 200} at ρ = 1, 2 seeds", "48", len(grid)],
             ["3. MemFT vs SFT, long context: ℓ = 50, rank 1, 1000 steps, 5 paired seeds × 3 methods", "15",
-             arm(lc_key)],
+             arm("long context")],
             ["4. MemFT vs SFT, PhoneBook: 32 numbers, rank 2, batch 8, 200 epochs, 5 paired seeds × 3 methods", "15",
-             arm(pb_key)],
+             arm("PhoneBook")],
             ["5. density: ρ {0, 0.4} × ranks {1, 4, 16} × ℓ {25, 50, 100}, 2 seeds", "36",
              sum(len(mini_grid(runs, "longctx", rho, DENSITY_RANKS, DENSITY_LENGTHS)) for rho in (0.0, 0.4))],
             ["6. PhoneBook law: 8, 16, 32 numbers × ranks {1, 2, 4, 8, 16}, 2 seeds", "30",
              len(mini_grid(runs, "phonebook", None, PB_RANKS, PB_LENGTHS))],
             ["7. capacity by bisection over ℓ (`docs/capacity.py`; ranks 1 and 2)", "–", probes],
+            ["8. MemFT vs SFT, PhoneBook under the authors' schedules (`--paper-schedule qwen`), 5 paired seeds × 3 "
+             "methods", "15", arm("PhoneBook, the authors' schedules")],
             ["recall under sampling (`docs/sampling.py`)", "–",
              len(json.loads(sampled.read_text())["rows"]) if sampled.exists() else 0]]
     return ["### Progress", "", table(["stage", "runs planned", "runs done"], rows), ""]
@@ -550,6 +559,7 @@ def report(folder: Path, figures: Path) -> list[str]:
     hours = sum(r.get("wall_s", r.get("time_s", 0.0)) for r in runs) / 3600
     return (stages(runs, folder) + budget_curve(runs, figures) + law_by_budget(runs, figures)
             + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + density(runs) + phonebook_law(runs)
-            + memft(runs, "long context") + memft(runs, "PhoneBook") + sampling(folder)
+            + memft(runs, "long context") + memft(runs, "PhoneBook") + memft(runs, "PhoneBook, the authors' schedules")
+            + sampling(folder)
             + [f"{len(runs)} runs, {hours:.1f} h of summed wall time (one thread each, two chains side by side); "
                f"one row per run in results/convergence/summary.csv.", ""])

@@ -87,8 +87,21 @@ capacity() {  # $1: rank
   $PY docs/capacity.py --rank "$1" --tolerance 0.2 --python $PY
 }
 
-chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4 && memft_pb 0,2,4 && density 0 && pb_law 0 && capacity 1; }
-chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3 && memft_pb 1,3 && density 1 && pb_law 1 && capacity 2; }
+# Stage 8, MemFT against SFT under the authors' own PhoneBook schedules (--paper-schedule qwen), beside
+# stage 4's equal budgets: the same 32-number book and rank 2, five paired seeds. For ℓ = 320 the tables
+# give SFT and OT batch 4 for 200 epochs (1,600 steps) and SW batch 10 with the curriculum boundaries
+# [20, 40, 60, 80, 300] for 300 epochs (760 steps: the curriculum trains 1, then 2, then 3 batches per
+# epoch), all at lr 1e-2 decaying linearly: SW gets 1.5× the
+# epochs, as in the paper's comparison.
+memft_paper() {  # $1: comma list of seeds
+  $PY train.py --task phonebook --length 320 --rank 2 --methods sft,ot,sw --seeds "$1" --paper-schedule qwen \
+    --snapshots 100,200,400,800,1200,1600 --stop-when-memorized --save-every 100 --out $OUT/memft
+}
+
+chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4 && memft_pb 0,2,4 && density 0 && pb_law 0 && capacity 1 \
+  && memft_paper 0,2,4; }
+chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3 && memft_pb 1,3 && density 1 && pb_law 1 && capacity 2 \
+  && memft_paper 1,3; }
 chain1 > $OUT/chain1.log 2>&1 &
 chain2 > $OUT/chain2.log 2>&1
 wait
