@@ -652,10 +652,11 @@ def report(folder: Path, figures: Path) -> list[str]:
     if not runs:
         return ["No convergence runs yet: `bash docs/reproduce.sh` writes them into results/convergence/.", ""]
     (folder / "summary.csv").write_text(summary_csv(runs))
-    hours = sum(r.get("wall_s", r.get("time_s", 0.0)) for r in runs) / 3600
+    # wall_s covers the last process only; time_s carries the training time over resumes
+    hours = sum(max(r.get("wall_s", 0.0), r.get("time_s", 0.0)) for r in runs) / 3600
     return (stages(runs, folder) + budget_curve(runs, figures) + law_by_budget(runs, figures)
             + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + phase_transition(runs, figures) + density(runs) + phonebook_law(runs)
             + memft(runs, "long context") + memft(runs, "PhoneBook") + memft(runs, "PhoneBook, the authors' schedules")
             + sampling(folder)
-            + [f"{len(runs)} runs, {hours:.1f} h of summed wall time (one thread each, two chains side by side); "
+            + [f"{len(runs)} runs, {hours:.1f} h of summed run time (wall time, or training time over resumes where longer; one thread each, two chains side by side); "
                f"one row per run in results/convergence/summary.csv.", ""])
