@@ -174,7 +174,7 @@ def answer_losses(model: Transformer, examples: list[Example], pad_id: int, pref
 @torch.no_grad()
 def teacher_forced(model: Transformer, examples: list[Example], pad_id: int, batch_size: int = 16,
                    prefix: PrefixCache | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per example: (token losses (A,), argmax correct (A,) bool), dropout off."""
+    """Per example: (token losses (A,), argmax correct (A,) bool). Call it in eval mode: dropout off."""
     out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -540,25 +540,26 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description="Greedy reply to a prompt, or exact-recall metrics of a saved adapter.",
-                                 epilog=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="'default' (built-in SmolLM2-135M), a folder, or a hub id (default: the adapter's base model)")
     ap.add_argument("--prompt", default=None, help="reply mode: the user message")
     ap.add_argument("--system", default=None,
                     help="reply mode: the system message (default: with --adapter, the one it was trained under; "
                          "else none, so the model's own); '' for none")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="reply mode: the most tokens to generate "
+                    "(default %(default)s; decoding stops earlier at end of turn)")
     ap.add_argument("--adapter", default=None, help="a saved adapter folder (<out>/<name>/)")
     ap.add_argument("--task", default=None, help="phonebook | longctx | linear | facts (default: the run's)")
-    ap.add_argument("--length", type=int, default=None)
-    ap.add_argument("--noise", type=float, default=None)
+    ap.add_argument("--length", type=int, default=None, help="answer tokens ℓ of the task (default: the run's)")
+    ap.add_argument("--noise", type=float, default=None, help="longctx: fraction ρ of random tokens (default: the run's)")
     ap.add_argument("--seed", type=int, default=None, help="the seed of the task's data (default: the run's data seed)")
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--text", default=None)
+    ap.add_argument("--data", default=None, help="the task's jsonl (facts or PhoneBook; default: the run's)")
+    ap.add_argument("--text", default=None, help="longctx: the prose file (default: the run's)")
     ap.add_argument("--sample-recall", type=int, default=0, metavar="K", help="also decode K samples per example")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--temperature", type=float, default=1.0, help="with --sample-recall (default %(default)s)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --sample-recall: nucleus mass (default %(default)s)")
+    ap.add_argument("--json", action="store_true", help="metrics mode: print the metrics as one JSON object")
     ap.add_argument("--certify", action="store_true",
                     help=f"with --adapter: measure the adapter's {CERTIFICATE} again from its facts file (refused "
                          f"when that file is missing or changed), print it and compare it with the stored one; exit "

@@ -23,7 +23,10 @@ METHODS = ("sft", "ot", "sw_window", "sw_curriculum")
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token CE in fp32, (B, T, V) x (B, T) -> (B, T); labels already shifted, 0 where label is -100."""
+    """Per-token CE in fp32, (B, T, V) x (B, T) -> (B, T); labels already shifted, 0 where label is -100.
+
+    The plain formula, for tests and benchmarks: training computes the same losses from hidden states
+    with model.Transformer.token_losses, without the (B, T, V) logits."""
     B, T, V = logits.shape
     loss = F.cross_entropy(logits.float().reshape(B * T, V), labels.reshape(B * T),
                            ignore_index=-100, reduction="none")

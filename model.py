@@ -133,9 +133,9 @@ def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, H, hd) by position; halves are (real, imag), not interleaved pairs."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)                        # (B, T, H, hd/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)             # (B, T, H, hd)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]  # cos, sin (T, hd) -> (T, 1, hd): the same for every head
 
 
 # ----------------------------------------------------------------------------- modules
@@ -358,17 +358,17 @@ class ChunkedCE(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_grad else None
         for i in range(0, N, chunk):
             logits = (h[i : i + chunk] @ weight.t()).float()  # (c, V): the only (c, V) buffer
-            y = labels[i : i + chunk]
+            y = labels[i : i + chunk]                                # (c,)
             pred[i : i + chunk] = logits.argmax(dim=-1)
-            target = logits.gather(1, y[:, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            p = logits.sub_(top).exp_()  # in place: exp(logit - max), as logsumexp computes it
-            total = p.sum(dim=-1, keepdim=True)
+            target = logits.gather(1, y[:, None]).squeeze(1)         # (c,): logit[y]
+            top = logits.amax(dim=-1, keepdim=True)                  # (c, 1)
+            p = logits.sub_(top).exp_()  # (c, V), in place: exp(logit - max), as logsumexp computes it
+            total = p.sum(dim=-1, keepdim=True)                      # (c, 1)
             loss[i : i + chunk] = (top + total.log()).squeeze(1) - target  # lse - logit[y]
             if need_grad:
                 p.div_(total)  # softmax
-                p[torch.arange(len(y), device=p.device), y] -= 1.0
-                grad_h[i : i + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)
+                p[torch.arange(len(y), device=p.device), y] -= 1.0  # softmax - onehot(y), (c, V)
+                grad_h[i : i + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)  # (c, V) @ (V, D) -> (c, D)
         ctx.save_for_backward(grad_h)
         ctx.mark_non_differentiable(pred)
         return loss, pred
@@ -376,7 +376,7 @@ class ChunkedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: FunctionCtx, grad_loss: torch.Tensor, grad_pred: None) -> tuple[torch.Tensor, None, None, None]:
         (grad_h,) = ctx.saved_tensors
-        return grad_loss[:, None].to(grad_h.dtype) * grad_h, None, None, None
+        return grad_loss[:, None].to(grad_h.dtype) * grad_h, None, None, None  # (N, 1) * (N, D)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -442,7 +442,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     """A model folder (config.json, *.safetensors) -> a frozen Transformer in eval mode.
 
     Built on the meta device, then loaded with strict=True, assign=True. convert.resolve_model_dir
-    turns 'default' (the built-in model) or a hub id into a folder. The two options: Transformer."""
+    turns 'default' (the built-in model) or a hub id into a folder. checkpoint_layers, compile_layers: see
+    Transformer."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ModelError(f"model folder not found: {path}; pass a folder with config.json and *.safetensors "

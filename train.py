@@ -15,8 +15,9 @@ every setting that changes its numbers matches; otherwise the run stops and name
 differ. With --data the task follows the file's keys: {"query", "target"[, "system"]} lines are your
 own facts (task facts, preset standard, the run named after the file and a hash of its content).
 
-Reading order: `train_step` (one micro-batch, top to bottom), then `Processes` (the data-parallel
-layer around it), then `train` (the loop) and `main` (one run, from settings to results file).
+Reading order: `train_step` (one micro-batch, top to bottom), then `train` (the loop) and `run` (one
+run, from data and model to results file). `Processes` is the data-parallel layer around the step;
+in one process it hands every batch back unchanged.
 """
 
 import json
