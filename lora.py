@@ -2,7 +2,7 @@
 
     python lora.py                       # inject into a tiny random model and show what changed
 
-    from lora import add_lora, load_adapter, save_adapter
+    from lora import adapter_disabled, add_lora, load_adapter, save_adapter
     n = add_lora(model, rank=16, targets=("q_proj", "v_proj"))           # standard PEFT-style LoRA
     n = add_lora(model, rank=4, targets=("mlp",), layers=[20], init="paper", dropout=0.1)  # output dropout
     with adapter_disabled(model): ...                                     # the frozen reference model
