@@ -523,15 +523,15 @@ def paired(a: list[float], b: list[float]) -> str:
 
 
 EQUAL = dict(schedule="constant", paper_schedule=None)  # stages 3 and 4: one budget, a constant lr
-MEMFT = {  # stage: the settings its runs share, its metric, and how it is described
-    "long context": (dict(task="longctx", noise=1.0, length=50, rank=1, budget=1000, **EQUAL), "token_acc",
+MEMFT = {  # stage: the settings its runs share, its metrics (the first in the table), and how it is described
+    "long context": (dict(task="longctx", noise=1.0, length=50, rank=1, budget=1000, **EQUAL), ("token_acc", "first_failure"),
                      "ℓ = 50 random ids at rank 1, where SFT stays below exact recall; 1000 steps for every method at "
                      "a constant lr 1e-2"),
-    "PhoneBook": (dict(task="phonebook", noise=None, length=320, rank=2, budget=800, **EQUAL), "exact_match",
+    "PhoneBook": (dict(task="phonebook", noise=None, length=320, rank=2, budget=800, **EQUAL), ("exact_match",),
                   "32 numbers (ℓ = 320 digits) at rank 2 with batch 8, so SW's curriculum grows its active set "
                   "from 8 to 32 numbers; 200 epochs (800 steps) for every method at a constant lr 1e-2"),
     "PhoneBook, the authors' schedules": (
-        dict(task="phonebook", noise=None, length=320, rank=2, paper_schedule="qwen"), "exact_match",
+        dict(task="phonebook", noise=None, length=320, rank=2, paper_schedule="qwen"), ("exact_match",),
         "The same book and rank under the authors' Qwen PhoneBook tables (`--paper-schedule qwen`): SFT and OT "
         "at batch 4 for 200 epochs (1,600 steps), SW at batch 10 for 300 epochs with the curriculum boundaries "
         "[20, 40, 60, 80, 300] (760 steps, 1.5× SFT's epochs), all at lr 1e-2 decaying linearly"),
@@ -545,15 +545,19 @@ def memft_arm(r: dict, label: str) -> bool:
 
 def memft(runs: list[dict], label: str) -> list[str]:
     """Stages 3, 4 and 8: MemFT-OT and -SW against SFT, seed by seed (seed i on data seed i), with paired
-    tests on the stage's metric (token accuracy; PhoneBook: numbers recalled)."""
-    _, metric, what = MEMFT[label]
+    tests on the stage's metrics (long context: token accuracy, and the first failure, i.e. how many answer
+    tokens greedy decoding recalls before its first error; PhoneBook: numbers recalled)."""
+    _, metrics, what = MEMFT[label]
+    metric = metrics[0]
     arms = {}
     for r in (r for r in runs if memft_arm(r, label)):
         arms.setdefault(r["method"], {})[r["seed"]] = r
     seeds = sorted(set.intersection(*(set(v) for v in arms.values()))) if len(arms) == 3 else []
     if len(seeds) < 2:
         return []
-    name = {"token_acc": "token accuracy", "exact_match": "fraction of numbers recalled exactly"}[metric]
+    names = {"token_acc": "token accuracy", "exact_match": "fraction of numbers recalled exactly",
+             "first_failure": "first failure (answer tokens recalled before greedy decoding's first error)"}
+    name = names[metric]
     rows, tests = [], []
     for m in ("sft", "ot", "sw"):
         v = [arms[m][s][metric] for s in seeds]
@@ -562,14 +566,20 @@ def memft(runs: list[dict], label: str) -> list[str]:
         rows.append([m] + [f"{a:.2f}" for a in v] + [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}",
                                                      f"{sum(em)} of {len(em)}",
                                                      " / ".join("–" if x is None else str(x) for x in t)])
-        if m != "sft":
-            tests.append(f"- {m.upper()} − SFT: " + paired([arms["sft"][s][metric] for s in seeds], v))
+        for k in metrics:
+            if m != "sft":
+                tests.append(f"- {m.upper()} − SFT, {names[k].split(' (')[0]}: "
+                             + paired([arms["sft"][s][k] for s in seeds], [arms[m][s][k] for s in seeds]))
     return [f"### MemFT against SFT, {label}", "",
             f"{what}, stopping once memorised. "
             f"{len(seeds)} paired seeds: seed i trains every method on data seed i. Per seed: the {name}; its "
             "mean ± sd; runs recalled entirely; the step of entire recall (– = not within the budget).", "",
             table(["method"] + [f"seed {s}" for s in seeds] + ["mean ± sd", "all exact", "steps to all exact"], rows),
-            "", f"Paired differences in {name} (mean ± sd over seeds):", "", *tests, "",
+            *([] if len(metrics) == 1 else
+              ["", "Per seed, " + "; ".join(f"{names[k]}: " + ", ".join(
+                  f"{m.upper()} " + " / ".join(str(arms[m][s][k]) for s in seeds) for m in ("sft", "ot", "sw"))
+                  for k in metrics[1:])]),
+            "", "Paired differences (mean ± sd over seeds):", "", *tests, "",
             f"With {len(seeds)} pairs the smallest two-sided p a sign or Wilcoxon test can give is "
             f"{2 / 2 ** len(seeds):.3g}.", ""]
 
