@@ -3,11 +3,13 @@ convergence study's budget (2000 steps at a constant lr 1e-2, stopping once memo
 
     python docs/capacity.py --rank 1                # bisect between the grid's longest held and shortest lost ℓ
     python docs/capacity.py --rank 1,2,4 --seeds 0,1 --tolerance 0.1
+    python docs/capacity.py --rank 8                # no length lost yet: double ℓ until one is, then bisect
 
 A length counts as held when the run of every training seed recalls its answer exactly by the decoder.
-The bounds start from the runs already in results/convergence/ (the law grid) and each new length is
-the geometric midpoint of the bounds, rounded; bisection stops when hi / lo − 1 ≤ tolerance or hi − lo
-≤ 1. Every probe is an ordinary train.py run in results/convergence/, so rerunning resumes: finished
+The bounds start from the runs already in results/convergence/ (the law grid). While no length is lost,
+the next probe doubles the longest held one (up to --max-length); then each new length is the
+geometric midpoint of the bounds, rounded, and bisection stops when hi / lo − 1 ≤ tolerance or
+hi − lo ≤ 1. Every probe is an ordinary train.py run in results/convergence/, so rerunning resumes: finished
 runs are reused and a killed one continues from its checkpoint.
 """
 
@@ -45,17 +47,21 @@ def bounds(rank: int, seeds: list[int]) -> tuple[int | None, int | None]:
     return lo, hi
 
 
-def bisect(rank: int, seeds: list[int], tolerance: float, python: str) -> tuple[int, int]:
+def bisect(rank: int, seeds: list[int], tolerance: float, python: str, max_length: int) -> tuple[int, int | None]:
+    """Probe lengths until the capacity of `rank` is bracketed to within `tolerance`: (held, lost)."""
     while True:
         lo, hi = bounds(rank, seeds)
-        if lo is None or hi is None:
-            sys.exit(f"error: rank {rank} needs a held and a lost length in {OUT} first (run the law grid: "
+        if lo is None:
+            sys.exit(f"error: rank {rank} needs a held length in {OUT} first (run the law grid: "
                      "bash docs/reproduce.sh)")
-        if hi / lo - 1 <= tolerance or hi - lo <= 1:
+        if hi is None and 2 * lo > max_length:
+            print(f"rank {rank}: holds ℓ = {lo}; doubling would pass --max-length {max_length}", flush=True)
+            return lo, None
+        if hi is not None and (hi / lo - 1 <= tolerance or hi - lo <= 1):
             print(f"rank {rank}: capacity between ℓ = {lo} (held) and ℓ = {hi} (lost)", flush=True)
             return lo, hi
-        mid = min(hi - 1, max(lo + 1, round(math.sqrt(lo * hi))))
-        print(f"rank {rank}: held {lo}, lost {hi}; trying ℓ = {mid}", flush=True)
+        mid = 2 * lo if hi is None else min(hi - 1, max(lo + 1, round(math.sqrt(lo * hi))))
+        print(f"rank {rank}: held {lo}, lost {hi or 'none yet'}; trying ℓ = {mid}", flush=True)
         cmd = [python, str(ROOT / "train.py"), *SETTINGS, "--length", str(mid), "--rank", str(rank),
                "--seeds", ",".join(map(str, seeds)), "--out", str(OUT)]
         subprocess.run(cmd, check=True, cwd=ROOT)
@@ -67,7 +73,9 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", default="0,1", help="training seeds that must all recall (default 0,1)")
     ap.add_argument("--tolerance", type=float, default=0.1, help="stop when hi/lo − 1 ≤ this (default 0.1)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter that runs train.py")
+    ap.add_argument("--max-length", type=int, default=1600,
+                    help="while no length is lost, ℓ doubles up to this (default %(default)s)")
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     for r in (int(x) for x in a.rank.split(",")):
-        bisect(r, seeds, a.tolerance, a.python)
+        bisect(r, seeds, a.tolerance, a.python, a.max_length)

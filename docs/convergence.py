@@ -648,7 +648,7 @@ def stages(runs: list[dict], folder: Path) -> list[str]:
              sum(len(mini_grid(runs, "longctx", rho, DENSITY_RANKS, DENSITY_LENGTHS)) for rho in (0.0, 0.4))],
             ["6. PhoneBook law: 8, 16, 32 numbers × ranks {1, 2, 4, 8, 16}, 2 seeds", "30",
              len(mini_grid(runs, "phonebook", None, PB_RANKS, PB_LENGTHS))],
-            ["7. capacity by bisection over ℓ (`docs/capacity.py`; ranks 1 and 2)", "–", probes],
+            ["7. capacity by bisection over ℓ (`docs/capacity.py`; ranks 1, 2, 4, 8)", "–", probes],
             ["8. MemFT vs SFT, PhoneBook under the authors' schedules (`--paper-schedule qwen`), 5 paired seeds × 3 "
              "methods", "15", arm("PhoneBook, the authors' schedules")],
             ["recall under sampling (`docs/sampling.py`)", "–",

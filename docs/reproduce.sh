@@ -82,7 +82,8 @@ pb_law() {  # $1: training seed
 }
 
 # Stage 7, capacity by bisection (docs/capacity.py): the longest ℓ that both training seeds recall, between
-# stage 2's longest held and shortest lost lengths, to within 20%.
+# stage 2's longest held and shortest lost lengths, to within 20%. Rank 8 lost no length of the grid, so
+# its ℓ doubles from 200 until one is lost, then bisects.
 capacity() {  # $1: rank
   $PY docs/capacity.py --rank "$1" --tolerance 0.2 --python $PY
 }
@@ -100,9 +101,9 @@ memft_paper() {  # $1: comma list of seeds
 
 # The MemFT stages (3, 4, 8) run before 5-7, so that the comparison with SFT completes first.
 chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4 && memft_pb 0,2,4 && memft_paper 0,2,4 && density 0 \
-  && pb_law 0 && capacity 1; }
+  && pb_law 0 && capacity 1 && capacity 4; }
 chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3 && memft_pb 1,3 && memft_paper 1,3 && density 1 \
-  && pb_law 1 && capacity 2; }
+  && pb_law 1 && capacity 2 && capacity 8; }
 chain1 > $OUT/chain1.log 2>&1 &
 chain2 > $OUT/chain2.log 2>&1
 wait
