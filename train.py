@@ -432,7 +432,7 @@ def train_step(model: torch.nn.Module, batch: list[Example], method: str, ot_fal
     if not info["skipped"]:  # the same on every process: it was decided on the whole batch
         (loss * procs.replicated_scale(len(batch)) / n_micro).backward()
     return dict(loss=float((w * losses)[mask].sum() / norm.clamp(min=1e-8)) / n_micro,
-                ce=float(losses[mask].sum()), n_tok=int(mask.sum()), n_sub=info["n_sub"],
+                ce_sum=float(losses[mask].sum()), n_tok=int(mask.sum()), n_sub=info["n_sub"],
                 skipped=info["skipped"], max_ce=float(losses[mask].max()))
 
 
@@ -824,7 +824,7 @@ def train(t: Trainer) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             micro = t.plan[step]
-            rec = dict(loss=0.0, ce=0.0, n_tok=0, n_sub=0, skipped=0, max_ce=0.0)
+            rec = dict(loss=0.0, ce_sum=0.0, n_tok=0, n_sub=0, skipped=0, max_ce=0.0)
             for idx in micro:
                 r = train_step(model, [t.examples[i] for i in idx], t.method, cfg.ot_fallback, t.pad, t.prefix,
                                state, len(micro), procs)
@@ -834,20 +834,20 @@ def train(t: Trainer) -> dict:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            if not (math.isfinite(rec["loss"]) and math.isfinite(rec["ce"])):
+            if not (math.isfinite(rec["loss"]) and math.isfinite(rec["ce_sum"])):
                 raise RunError(f"the loss became non-finite at step {step + 1} (lr {cfg.lr:g}); no result was "
                                f"written. Lower --lr and rerun with --overwrite")
             step += 1
             em = sum(state.exact.get(e.id, False) for e in t.examples) / len(t.examples)
             now = time.perf_counter()
-            history.append(dict(step=step, loss=round(rec["loss"], 6), ce=round(rec["ce"] / rec["n_tok"], 6),
+            history.append(dict(step=step, loss=round(rec["loss"], 6), ce=round(rec["ce_sum"] / rec["n_tok"], 6),
                                 max_ce=round(rec["max_ce"], 6), n_sub=rec["n_sub"], em=round(em, 4), lr=lr,
                                 skipped=rec["skipped"] == len(micro), time_s=round(now - t0, 3)))
             if step in snap_at:  # the same measurements as the end of a run, minus the decoder check
                 snaps.append(snapshot(model, t.examples, t.loss_init, t.pad, t.prefix, step))
             per_step = (now - t_loop) / (step - step0)
             if step == total or step % max(1, total // 20) == 0 or step - step0 <= 1:
-                say(f"step {step}/{total} | loss {rec['loss']:.4f} | ce {rec['ce'] / rec['n_tok']:.4f} | "
+                say(f"step {step}/{total} | loss {rec['loss']:.4f} | ce {rec['ce_sum'] / rec['n_tok']:.4f} | "
                     f"sub-threshold {rec['n_sub']}/{rec['n_tok']} | em(train) {em:.2f} | lr {lr:.2e} | "
                     f"{per_step:.2f}s/step | ETA {fmt_time(per_step * (total - step))}", flush=True)
             if procs.any(stop.requested):
