@@ -55,7 +55,8 @@ memft_lc() {  # $1: comma list of seeds
 # Stage 4, MemFT against SFT on PhoneBook, large enough that SW's curriculum switches on: 32 numbers
 # (ℓ = 320 digits), batch 8, so the active set grows from 8 to 32 numbers over the epochs. Rank 2, where
 # a one-seed pilot of SFT recalled 5 of 32 numbers after 200 epochs (rank 1: 0 of 32). The same
-# 200 epochs (800 steps) for every method at a constant lr 1e-2, five paired seeds.
+# 200 epochs for every method at a constant lr 1e-2 (800 steps for SFT and OT; 620 for SW, whose
+# curriculum trains 1, 2, 3, then 4 batches per epoch), five paired seeds.
 memft_pb() {  # $1: comma list of seeds
   $PY train.py --task phonebook --length 320 --rank 2 --methods sft,ot,sw --seeds "$1" --batch-size 8 \
     --epochs 200 --schedule constant --snapshots 100,200,400,600,800 --stop-when-memorized --save-every 100 \
