@@ -119,7 +119,7 @@ def _compile(source: str) -> "Template":
     return _TEMPLATES[source]
 
 
-def load_tokenizer(name_or_path: str | None = None) -> Tokenizer:
+def load_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
     """The tokenizer of a model folder, hub id or 'default' (resolved as train.py and eval.py resolve --model)."""
     from convert import resolve_model_dir
 

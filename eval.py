@@ -374,10 +374,11 @@ def side_effects(model: Transformer, tok: Tokenizer, prose_tokens: int = 256,
 def certify(base: str, adapter: str | Path, data: str | Path, dtype: str | torch.dtype | None = None,
             device: str | torch.device | None = None) -> dict:
     """The certificate of a saved adapter, measured on it as saved: per fact, overall, and side effects."""
-    tok = load_tokenizer(base)
+    folder = resolve_model_dir(base)
+    tok = load_tokenizer(folder)
     rows = read_facts(data)
     ex = facts(tok, data).train
-    model = load_model(resolve_model_dir(base), dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=device)
     settings = load_adapter(model, adapter)
     model.eval()
     per = fact_reports(model, tok, ex, rows)
@@ -486,8 +487,9 @@ def reply(model: str | None, prompt: str, max_new_tokens: int, system: str | Non
     model = model or settings.get("base_model") or "default"
     if system is None and adapter:
         system = trained_system(settings, prompt)
-    tok = load_tokenizer(model)
-    m = load_model(resolve_model_dir(model))
+    folder = resolve_model_dir(model)
+    tok = load_tokenizer(folder)
+    m = load_model(folder)
     if adapter:
         load_adapter(m, adapter)
     ids = chat_prompt(tok, prompt, system or None)
@@ -511,12 +513,13 @@ def main(model: str | None, adapter: str, task: str | None = None, length: int |
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     model = model or run.get("model", "default")
     adapter_settings(adapter)  # no adapter: one line, before anything loads
-    tok = load_tokenizer(model)
+    folder = resolve_model_dir(model)
+    tok = load_tokenizer(folder)
     task = make_task(tok, task or run.get("task", "phonebook"), length or run.get("length", 100),
                      noise if noise is not None else run.get("noise"),
                      seed if seed is not None else run.get("data_seed", run.get("seed", 0)),  # the data's seed
                      data or run.get("data"), text or run.get("text"), run.get("n_samples", 100))
-    m = load_model(resolve_model_dir(model))  # after the data: its errors come before the slow load
+    m = load_model(folder)  # after the data: its errors come before the slow load
     pad = tok.pad_id
     loss_init = [loss for loss, _ in teacher_forced(m, task.train, pad)]
     load_adapter(m, adapter)

@@ -889,8 +889,9 @@ def main(paths: Sequence[str], x: str = "rank", as_json: bool = False, holdout: 
             obj["plan_int"] = None if rp is None else max(1, math.ceil(round(rp, 9)))
         if plot:
             try:
-                plot_fit(members, fit, x, targets[key], group_description(key))
-                plotted.append((targets[key], group_description(key)))
+                described = group_description(key)
+                plot_fit(members, fit, x, targets[key], described)
+                plotted.append((targets[key], described))
                 obj["plot"] = targets[key]
             except OSError as e:
                 err(f"--plot: cannot write {targets[key]} ({e.strerror}); check the directory")

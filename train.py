@@ -958,7 +958,8 @@ def main(cfg: Config) -> dict:
 def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: dict) -> dict:
     """Data, model and adapter, L_init, the training loop, the evaluation and the results file."""
     t_start = time.perf_counter()
-    tok = load_tokenizer(cfg.model)  # data first: its errors come before the slow model load
+    folder = resolve_model_dir(cfg.model)  # once: a hub id is fetched (or found in the hub cache) here only
+    tok = load_tokenizer(folder)  # data first: its errors come before the slow model load
     task = make_task(tok, cfg.task, cfg.length, cfg.noise, cfg.seed_of_data, cfg.data, cfg.text, cfg.samples)
     ex, pad = task.train, tok.pad_id
     cfg, boundaries = with_paper_schedule(cfg, method, task.length)
@@ -968,12 +969,12 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
         device = f"cuda:{torch.cuda.current_device()}"
     if default_device_dtype(device)[0].type == "cpu":
         return_freed_memory()
-    model = load_model(resolve_model_dir(cfg.model), dtype=cfg.dtype, device=device,
+    model = load_model(folder, dtype=cfg.dtype, device=device,
                        checkpoint_layers=cfg.activation_checkpointing, compile_layers=cfg.compile)
     lcfg = resolve_lora(cfg, model.args.n_layers)
     n_params = add_lora(model, cfg.rank, **lcfg)
     # Saved with the adapter: the base model and its real folder (for PEFT), the prompt format (for eval.py).
-    adapter_info = dict(base_model=cfg.model, base_model_path=base_model_path(cfg.model), prompt=dict(
+    adapter_info = dict(base_model=cfg.model, base_model_path=base_model_path(cfg.model, folder), prompt=dict(
         system=SYSTEM, systems=task.systems, chat_template_kwargs=dict(enable_thinking=False)))
     if cfg.data:  # what eval.py --certify measures again, refused when the file changed
         adapter_info["data"] = dict(path=str(Path(cfg.data).resolve()), sha256=file_sha256(cfg.data))
@@ -1029,10 +1030,11 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
     return result
 
 
-def base_model_path(model: str) -> str:
-    """What PEFT's base_model_name_or_path should say: the real folder for 'default' or a folder, else the hub id."""
+def base_model_path(model: str, folder: Path) -> str:
+    """What PEFT's base_model_name_or_path should say: the real folder (`folder`, resolve_model_dir's answer)
+    for 'default' or a folder, else the hub id."""
     local = model in ("", "default") or Path(model).expanduser().is_dir()
-    return str(resolve_model_dir(model).resolve()) if local else model
+    return str(folder.resolve()) if local else model
 
 
 def write_results(files: RunFiles, model: torch.nn.Module, result: dict, adapter_info: dict) -> None:
@@ -1089,7 +1091,7 @@ def write_merged(cfg: Config, adapter: Path, out: Path) -> None:
         (d / "config.json").write_text(json.dumps(config, indent=2))
         for f in tokenizer:
             shutil.copy(f, d / f.name)
-        (d / MERGED_MARK).write_text(json.dumps(dict(base_model=base_model_path(cfg.model), adapter=str(adapter)),
+        (d / MERGED_MARK).write_text(json.dumps(dict(base_model=base_model_path(cfg.model, src), adapter=str(adapter)),
                                                 indent=1))
 
     try:
