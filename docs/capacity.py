@@ -6,6 +6,8 @@ convergence study's budget (2000 steps at a constant lr 1e-2, stopping once memo
     python docs/capacity.py --rank 8                # no length lost yet: double ℓ until one is, then bisect
 
 A length counts as held when the run of every training seed recalls its answer exactly by the decoder.
+The seeds of a probe run one after another, and a probe stops at the first seed that fails: that run
+alone decides the length is lost.
 The bounds start from the runs already in results/convergence/ (the law grid). While no length is lost,
 the next probe doubles the longest held one (up to --max-length); then each new length is the
 geometric midpoint of the bounds, rounded, and bisection stops when hi / lo − 1 ≤ tolerance or
@@ -27,15 +29,16 @@ SETTINGS = ["--task", "longctx", "--noise", "1.0", "--data-seed", "0", "--schedu
 
 
 def held(rank: int, length: int, seeds: list[int]) -> bool | None:
-    """Whether every seed's run at (rank, length) recalled exactly; None when some run is missing."""
-    runs = []
+    """Whether every seed's run at (rank, length) recalled exactly: False as soon as one finished run did
+    not (one failure decides, so the other seeds need not run), None while that is undecided."""
+    runs = {}
     for f in OUT.glob(f"longctx-n1-L{length}-r{rank}-sft-const-s*.json"):
         run = json.loads(f.read_text())
         if run.get("data_seed") == 0 and run.get("budget") == 2000 and run["seed"] in seeds:
-            runs.append(run)
-    if len({r["seed"] for r in runs}) < len(seeds):
-        return None
-    return all(r["exact_match"] == 1.0 for r in runs)
+            runs[run["seed"]] = run
+    if any(r["exact_match"] < 1.0 for r in runs.values()):
+        return False
+    return True if len(runs) == len(seeds) else None
 
 
 def bounds(rank: int, seeds: list[int]) -> tuple[int | None, int | None]:
@@ -62,9 +65,12 @@ def bisect(rank: int, seeds: list[int], tolerance: float, python: str, max_lengt
             return lo, hi
         mid = 2 * lo if hi is None else min(hi - 1, max(lo + 1, round(math.sqrt(lo * hi))))
         print(f"rank {rank}: held {lo}, lost {hi or 'none yet'}; trying ℓ = {mid}", flush=True)
-        cmd = [python, str(ROOT / "train.py"), *SETTINGS, "--length", str(mid), "--rank", str(rank),
-               "--seeds", ",".join(map(str, seeds)), "--out", str(OUT)]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        for seed in seeds:  # one at a time: the first seed that fails decides the length is lost
+            if held(rank, mid, seeds) is False:
+                break
+            cmd = [python, str(ROOT / "train.py"), *SETTINGS, "--length", str(mid), "--rank", str(rank),
+                   "--seed", str(seed), "--out", str(OUT)]
+            subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 if __name__ == "__main__":

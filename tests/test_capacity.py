@@ -1,0 +1,56 @@
+"""docs/capacity.py's bisection, against a case worked by hand: a fake train.py whose runs recall an
+answer exactly up to a known length per seed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_capacity():
+    spec = importlib.util.spec_from_file_location("capacity", ROOT / "docs" / "capacity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(out: Path, rank: int, length: int, seed: int, exact: bool) -> None:
+    data = "" if seed == 0 else "-d0"  # train.py's names: the data seed shows when it differs
+    run = {"seed": seed, "data_seed": 0, "budget": 2000, "exact_match": 1.0 if exact else 0.5}
+    (out / f"longctx-n1-L{length}-r{rank}-sft-const-s{seed}{data}.json").write_text(json.dumps(run))
+
+
+def test_bisects_and_skips_the_seeds_after_a_failure(tmp_path, monkeypatch):
+    capacity = load_capacity()
+    monkeypatch.setattr(capacity, "OUT", tmp_path)
+    longest = {0: 44, 1: 47}  # each seed recalls answers up to this length: the rank's capacity is 44
+    calls = []
+
+    def fake_train(cmd: list[str], check: bool, cwd: Path) -> None:
+        arg = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+        length, rank, seed = int(arg["--length"]), int(arg["--rank"]), int(arg["--seed"])
+        calls.append((length, seed))
+        write_run(tmp_path, rank, length, seed, length <= longest[seed])
+
+    monkeypatch.setattr(capacity.subprocess, "run", fake_train)
+    for seed in (0, 1):  # the grid: ℓ = 25 held by both seeds, ℓ = 100 lost by both
+        write_run(tmp_path, 2, 25, seed, True)
+        write_run(tmp_path, 2, 100, seed, False)
+
+    assert capacity.bisect(2, [0, 1], tolerance=0.1, python="python", max_length=1600) == (42, 46)
+    # By hand: ℓ = √(25·100) = 50 is lost by seed 0, so seed 1 never runs; 35 and 42 are held by both;
+    # √(42·50) ≈ 46 is lost by seed 0; 46/42 − 1 < 0.1 stops.
+    assert calls == [(50, 0), (35, 0), (35, 1), (42, 0), (42, 1), (46, 0)]
+
+
+def test_a_failure_decides_before_every_seed_has_run(tmp_path, monkeypatch):
+    capacity = load_capacity()
+    monkeypatch.setattr(capacity, "OUT", tmp_path)
+    write_run(tmp_path, 4, 120, 1, True)
+    assert capacity.held(4, 120, [0, 1]) is None  # seed 0 has not run: undecided
+    write_run(tmp_path, 4, 120, 0, False)
+    assert capacity.held(4, 120, [0, 1]) is False
+    write_run(tmp_path, 4, 60, 0, False)
+    assert capacity.held(4, 60, [0, 1]) is False  # one failed seed is enough
+    assert capacity.bounds(4, [0, 1]) == (None, 60)
