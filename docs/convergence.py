@@ -509,12 +509,18 @@ def phonebook_law(runs: list[dict]) -> list[str]:
 
 
 def paired(a: list[float], b: list[float]) -> str:
-    """b − a over paired seeds: mean ± sd, wins/ties/losses, and two-sided Wilcoxon, sign and t tests."""
+    """b − a over paired seeds: mean ± sd, wins/ties/losses, the 95% t interval of the mean difference, and
+    two-sided sign, Wilcoxon and t tests."""
     from scipy.stats import binomtest, ttest_rel, wilcoxon
+
+    from scipy.stats import t as student
 
     d = np.array(b) - np.array(a)
     wins, losses = int((d > 0).sum()), int((d < 0).sum())
     out = f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} ({wins} up, {len(d) - wins - losses} tied, {losses} down)"
+    if np.ptp(d) > 0:
+        half = student.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        out += f", 95% t interval [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
     if wins + losses:
         out += f"; sign test p = {binomtest(wins, wins + losses).pvalue:.2g}"
     if (d != 0).any():
@@ -530,16 +536,22 @@ MEMFT = {  # stage: the settings its runs share, its metrics (the first in the t
                      "ℓ = 50 random ids at rank 1, where SFT stays below exact recall; 1000 steps for every method at "
                      "a constant lr 1e-2"),
     "PhoneBook": (dict(task="phonebook", noise=None, length=320, rank=2, batch_size=8, epochs_budget=200, **EQUAL),
-                  ("exact_match",),
+                  ("exact_match", "token_acc"),
                   "32 numbers (ℓ = 320 digits) at rank 2 with batch 8, so SW's curriculum grows its active set "
                   "from 8 to 32 numbers; 200 epochs for every method at a constant lr 1e-2: 800 steps for SFT and "
-                  "OT, 620 for SW, whose curriculum trains 1, 2, 3 and then 4 batches per epoch"),
+                  "OT, 620 for SW, whose curriculum trains 1, 2, 3 and then 4 batches per epoch (the snapshots at step "
+                  "600, which all three reach, compare them at equal steps)"),
     "PhoneBook, the authors' schedules": (
-        dict(task="phonebook", noise=None, length=320, rank=2, paper_schedule="qwen"), ("exact_match",),
+        dict(task="phonebook", noise=None, length=320, rank=2, paper_schedule="qwen"), ("exact_match", "token_acc"),
         "The same book and rank under the authors' Qwen PhoneBook tables (`--paper-schedule qwen`): SFT and OT "
         "at batch 4 for 200 epochs (1,600 steps), SW at batch 10 for 300 epochs with the curriculum boundaries "
         "[20, 40, 60, 80, 300] (760 steps, 1.5× SFT's epochs), all at lr 1e-2 decaying linearly"),
 }
+
+
+METRICS = {"token_acc": "token accuracy", "exact_match": "fraction of numbers recalled exactly",
+           "first_failure": "first failure (answer tokens recalled before greedy decoding's first error)"}
+MATCHED_STEP = {"PhoneBook": 600}  # a snapshot that SW's 620 steps reach too: the same steps, not the same epochs
 
 
 def memft_arm(r: dict, label: str) -> bool:
@@ -563,8 +575,7 @@ def memft(runs: list[dict], label: str) -> list[str]:
     seeds = sorted(set.intersection(*(set(v) for v in arms.values()))) if len(arms) == 3 else []
     if len(seeds) < 2:
         return []
-    names = {"token_acc": "token accuracy", "exact_match": "fraction of numbers recalled exactly",
-             "first_failure": "first failure (answer tokens recalled before greedy decoding's first error)"}
+    names = METRICS
     name = names[metric]
     rows, tests = [], []
     for m in ("sft", "ot", "sw"):
@@ -585,11 +596,23 @@ def memft(runs: list[dict], label: str) -> list[str]:
             table(["method"] + [f"seed {s}" for s in seeds] + ["mean ± sd", "all exact", "steps to all exact"], rows),
             *([] if len(metrics) == 1 else
               ["", "Per seed, " + "; ".join(f"{names[k]}: " + ", ".join(
-                  f"{m.upper()} " + " / ".join(str(arms[m][s][k]) for s in seeds) for m in ("sft", "ot", "sw"))
+                  f"{m.upper()} " + " / ".join(f"{arms[m][s][k]:.3g}" for s in seeds) for m in ("sft", "ot", "sw"))
                   for k in metrics[1:])]),
-            "", "Paired differences (mean ± sd over seeds):", "", *tests, "",
+            "", "Paired differences (mean ± sd over seeds):", "", *tests, *matched_steps(arms, seeds, label, metrics), "",
             f"With {len(seeds)} pairs the smallest two-sided p a sign or Wilcoxon test can give is "
             f"{2 / 2 ** len(seeds):.3g}.", ""]
+
+
+def matched_steps(arms: dict, seeds: list[int], label: str, metrics: tuple) -> list[str]:
+    """For a stage whose methods train different numbers of steps in the same epochs: SW against SFT and OT
+    at one snapshot step that all three reach."""
+    step = MATCHED_STEP.get(label)
+    if step is None:
+        return []
+    def at(m: str, k: str) -> list[float]:
+        return [next(x[k] for x in arms[m][s]["snapshots"] if x["step"] == step) for s in seeds]
+    return [f"- SW − {m.upper()} at step {step}, {METRICS[k]}: " + paired(at(m, k), at("sw", k))
+            for m in ("sft", "ot") for k in metrics]
 
 
 def sampling(folder: Path) -> list[str]:
