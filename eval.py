@@ -30,15 +30,16 @@ LN2 = math.log(2)  # loss below ln 2 <=> p > 0.5 <=> the token is the greedy arg
 
 
 @torch.no_grad()
-def greedy(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
-           targets: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def decode_batch(model: Transformer, prompts: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                 targets: torch.Tensor | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Batched decoding of equal-length prompts (B, P): prefill, then one token per step.
 
-    Greedy unless temperature > 0 (then nucleus sampling). With `targets` (B, n) it stops as soon
-    as every row has diverged from its target, which is all that finding the first free-run failure
-    needs. With `eos_id` it stops once every row has produced it (rows go on past their own end of
-    turn until then: cut them there). Returns the new tokens (B, <= max_new_tokens).
+    Greedy by default; with temperature > 0 it samples instead (nucleus sampling, top_p). With
+    `targets` (B, n) it stops as soon as every row has diverged from its target, which is all that
+    finding the first free-run failure needs. With `eos_id` it stops once every row has produced it
+    (rows go on past their own end of turn until then: cut them there). Returns the new tokens
+    (B, <= max_new_tokens).
     """
     B, P = prompts.shape
     cache = model.new_cache(batch=B, max_len=P + max_new_tokens)
@@ -84,7 +85,7 @@ def sampled_recall(model: Transformer, examples: list[Example], k: int, temperat
     for e in examples:
         prompts = torch.tensor([e.prompt] * k, device=dev)
         targets = torch.tensor([e.answer] * k, device=dev)
-        toks = greedy(model, prompts, len(e.answer), targets=targets, temperature=temperature, top_p=top_p,
+        toks = decode_batch(model, prompts, len(e.answer), targets=targets, temperature=temperature, top_p=top_p,
                       generator=g)
         exact = (toks == targets[:, : toks.shape[1]]).all(dim=1) & (toks.shape[1] == len(e.answer))
         out.append(float(exact.float().mean()))
@@ -96,7 +97,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
     """Greedy reply to one prompt (a list of ids): the new tokens only, ending at EOS if it comes."""
     dev = model.lm_head.weight.device
     idx = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=dev)[None]
-    return greedy(model, idx, max_new_tokens, eos_id)[0].tolist()
+    return decode_batch(model, idx, max_new_tokens, eos_id)[0].tolist()
 
 
 class PrefixCache:
@@ -204,7 +205,7 @@ def first_failures(model: Transformer, examples: list[Example], batch_size: int 
         A = len(examples[chunk[0]].answer)
         prompts = torch.tensor([examples[i].prompt for i in chunk], device=dev)
         targets = torch.tensor([examples[i].answer for i in chunk], device=dev)
-        out = greedy(model, prompts, A, targets=targets)  # (B, n <= A)
+        out = decode_batch(model, prompts, A, targets=targets)  # (B, n <= A)
         wrong = out != targets[:, : out.shape[1]]
         for i, row in zip(chunk, wrong):
             res[i] = int(row.nonzero()[0]) if bool(row.any()) else A
@@ -304,7 +305,7 @@ def replies(model: Transformer, prompts: list[list[int]], max_new: list[int], eo
     dev = model.lm_head.weight.device
     out: list[list[int]] = [[] for _ in prompts]
     for chunk in same_length_batches([len(p) for p in prompts], batch_size):
-        toks = greedy(model, torch.tensor([prompts[i] for i in chunk], device=dev),
+        toks = decode_batch(model, torch.tensor([prompts[i] for i in chunk], device=dev),
                       max(max_new[i] for i in chunk), eos_id)  # (B, n)
         for i, row in zip(chunk, toks.tolist()):
             row = row[: max_new[i]]

@@ -107,11 +107,11 @@ def train_step(model, args, answer_tokens: int, device, repeats: int, peak_tflop
 
 
 def decode(model, args, new_tokens: int, device, gbs: float) -> None:
-    from eval import greedy
+    from eval import decode_batch
 
     prompt = torch.randint(0, args.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1)).to(device)
-    t_prefill = best_seconds(lambda: greedy(model, prompt, 1), 3, device)
-    t_all = best_seconds(lambda: greedy(model, prompt, new_tokens + 1), 3, device)
+    t_prefill = best_seconds(lambda: decode_batch(model, prompt, 1), 3, device)
+    t_all = best_seconds(lambda: decode_batch(model, prompt, new_tokens + 1), 3, device)
     per_token = (t_all - t_prefill) / new_tokens
     read = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if args.tie_embeddings:  # the head is the embedding table, and it is read every token

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data import Example, collate
-from eval import answer_losses, generate, greedy
+from eval import answer_losses, decode_batch, generate
 from lora import add_lora, lora_modules, lora_parameters
 from memft import sft_weights, token_loss, weighted_loss
 from model import load_model
@@ -86,7 +86,7 @@ def test_bf16_greedy_matches_transformers(fixture, request):
     with torch.no_grad():
         want = ref.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False, max_new_tokens=30,
                             min_new_tokens=30, eos_token_id=None, pad_token_id=0)[:, 10:]
-    assert torch.equal(greedy(m16, batch, 30), want)
+    assert torch.equal(decode_batch(m16, batch, 30), want)
 
 
 # ----------------------------------------------------------------------------- one LoRA training step
