@@ -90,6 +90,15 @@ def _site(block: nn.Module, target: str) -> tuple[nn.Module, str]:
     return (block.self_attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp), target
 
 
+def adapted_width(args: object, targets: tuple[str, ...] | list[str]) -> int:
+    """The narrowest side (input or output width) among the targets' modules, from the model's ModelArgs: a
+    rank above it cannot add anything (k_proj and v_proj are the narrowest under grouped-query attention)."""
+    q, kv, mid = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    shapes = dict(q_proj=(args.dim, q), k_proj=(args.dim, kv), v_proj=(args.dim, kv), o_proj=(q, args.dim),
+                  gate_proj=(args.dim, mid), up_proj=(args.dim, mid), down_proj=(mid, args.dim), mlp=(args.dim, args.dim))
+    return min(min(shapes[t]) for t in targets)
+
+
 def check_settings(model: nn.Module, rank: int, targets: tuple[str, ...], layers: list[int] | None) -> list[int]:
     """Validate rank/targets/layers against the model; returns the layer list."""
     n_layers = model.args.n_layers
@@ -104,8 +113,10 @@ def check_settings(model: nn.Module, rank: int, targets: tuple[str, ...], layers
     out = [i for i in layers if not 0 <= i < n_layers]
     if out or not layers:
         raise LoraError(f"layer {out[0] if out else '(none)'} out of range: this model has layers 0..{n_layers - 1}")
-    if rank > model.args.dim:
-        raise LoraError(f"rank {rank} exceeds the width of the adapted modules ({model.args.dim})")
+    width = adapted_width(model.args, targets)
+    if rank > width:
+        raise LoraError(f"rank {rank} exceeds the width of the adapted modules ({width}, the narrowest side of "
+                        f"{', '.join(targets)}); choose a rank of {width} or less")
     return layers
 
 

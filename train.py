@@ -36,8 +36,8 @@ from convert import ConvertError, resolve_model_dir
 from data import SYSTEM, DataError, Example, facts, file_sha256, jsonl_task, load_tokenizer, make_task, read_facts
 from eval import (CERTIFICATE, LN2, PrefixCache, answer_losses, certify, evaluate, print_certificate, sampled_recall,
                   teacher_forced)
-from lora import (PRESETS, TARGETS, LoraError, adapter_config, adapter_disabled, add_lora, atomic_dir, load_adapter,
-                  lora_parameters, merge, save_adapter, unwrapped_state_dict)
+from lora import (PRESETS, TARGETS, LoraError, adapted_width, adapter_config, adapter_disabled, add_lora, atomic_dir,
+                  load_adapter, lora_parameters, merge, save_adapter, unwrapped_state_dict)
 from memft import (SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights,
                    paper_schedule, weighted_loss)
 from model import ModelArgs, ModelError, default_device_dtype, load_model, read_config
@@ -1185,11 +1185,7 @@ def rank_ladder(start: int, cap: int) -> list[int]:
 def module_width(model: str, targets: tuple) -> int:
     """The smallest input or output width among the adapted modules, from config.json (the weights stay unread):
     a rank above it cannot add anything."""
-    a = ModelArgs.from_config(read_config(resolve_model_dir(model)))
-    q, kv, mid = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.intermediate_size
-    shapes = dict(q_proj=(a.dim, q), k_proj=(a.dim, kv), v_proj=(a.dim, kv), o_proj=(q, a.dim),
-                  gate_proj=(a.dim, mid), up_proj=(a.dim, mid), down_proj=(mid, a.dim), mlp=(a.dim, a.dim))
-    return min(min(shapes[t]) for t in targets)
+    return adapted_width(ModelArgs.from_config(read_config(resolve_model_dir(model))), targets)
 
 
 def planned_rank(cfg: Config, tokens: int, width: int) -> dict:

@@ -289,3 +289,14 @@ def test_errors(tiny_llama, tmp_path):
     with pytest.raises(LoraError, match="cannot be merged"):
         merge(mixed)
     assert all(torch.equal(before[k], v) for k, v in mixed.state_dict().items())  # nothing half-merged
+
+
+def test_rank_is_checked_against_each_modules_width(tiny_llama):
+    m = load_model(tiny_llama)
+    width = min(m.model.layers[0].self_attn.v_proj.weight.shape)  # grouped-query attention: v_proj is narrow
+    assert width < m.args.dim
+    with pytest.raises(LoraError, match=rf"rank {width + 1} exceeds the width of the adapted modules \({width},"):
+        add_lora(m, rank=width + 1, targets=("q_proj", "v_proj"))
+    assert not lora_modules(m)
+    add_lora(m, rank=width + 1, targets=("q_proj", "mlp"))  # both as wide as the model
+    assert all(mod.rank == width + 1 for mod in lora_modules(m).values())
