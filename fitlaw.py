@@ -857,7 +857,6 @@ def main(paths: Sequence[str], x: str = "rank", as_json: bool = False, holdout: 
     plotted: list[tuple[str, str]] = []  # (path, group description) per figure written
     for key, members in groups.items():
         obj = dict(zip(KEY, key), x=x, objective=objective)
-        label = ", ".join(f"{k}={v}" for k, v in zip(KEY, key))
         if exclude_saturated:
             members, obj["dropped_points"], obj["dropped_runs"] = drop_saturated(members, x)
         obj["n"] = len(members)
@@ -875,7 +874,7 @@ def main(paths: Sequence[str], x: str = "rank", as_json: bool = False, holdout: 
         except ValueError as e:
             if obj.get("dropped_points"):
                 e = f"{e} (after --exclude-saturated dropped {obj['dropped_points']} points)"
-            err(f"group ({label}): {e}")
+            err(f"group ({group_description(key)}): {e}")
             obj["error"] = str(e)
             out.append(obj)
             ok = False
