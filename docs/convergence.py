@@ -687,6 +687,40 @@ def stages(runs: list[dict], folder: Path) -> list[str]:
     return ["### Progress", "", table(["stage", "runs planned", "runs done"], rows), ""]
 
 
+def gpu_grid(folder: Path) -> list[str]:
+    """The paper-scale grid that docs/gpu_grid.sh runs on a GPU (results/gpu/), apart from the CPU study:
+    recall per (rank, ℓ), the longest ℓ held per rank, and the law at step 50 and at the end."""
+    files = sorted(f for f in folder.glob("*.json") if f.name != "device.json")
+    if not files:
+        return []
+    runs = [json.loads(f.read_text()) for f in files]
+    device = json.loads((folder / "device.json").read_text()) if (folder / "device.json").exists() else {}
+    ranks, lengths = sorted({r["rank"] for r in runs}), sorted({r["length"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    held = []
+    for rank in ranks:
+        ok = [L for L in lengths if by_seed(runs, rank, L) and all(x["exact_match"] == 1.0 for x in by_seed(runs, rank, L))]
+        lost = [L for L in lengths if by_seed(runs, rank, L) and L not in ok]
+        best = max(ok) if ok else None
+        params = next(r["params"] for r in runs if r["rank"] == rank)
+        held.append([rank, params, best, min(lost) if lost else None,
+                     None if best is None else best * math.log2(VOCAB) / params])
+    fits = [law_at(runs, 50, drop_saturated=True), law_at(runs, None)]
+    dtypes = sorted({r.get("settings", {}).get("dtype") or "the default dtype" for r in runs})
+    return [f"### The paper-scale grid on a GPU ({device.get('device', 'device not recorded')})", "",
+            f"`docs/gpu_grid.sh`: {len(runs)} runs, ranks {', '.join(map(str, ranks))} × ℓ "
+            f"{', '.join(map(str, lengths))} random ids, training seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))} on data seed 0, stage 2's settings (constant lr 1e-2, 2000 steps or until "
+            f"memorised) in {', '.join(dtypes)} on {device.get('device', 'a GPU')} (torch {device.get('torch', '?')}), "
+            "where the CPU study runs fp32. Each cell: token accuracy / runs recalled entirely (steps to that).", "",
+            table(["ℓ"] + [f"r={r}" for r in ranks], cells(runs, tuple(ranks), tuple(lengths), "token_acc")), "",
+            "Per rank, the longest ℓ held, the shortest lost, and the bits per parameter of the held answer "
+            "(ℓ·log₂V / params):", "",
+            table(["rank", "params", "longest ℓ held", "shortest ℓ lost", "bits/param"], held), "",
+            "The law over the grid at step 50 (saturated points dropped) and at the end:", "",
+            table(LAW_HEADER, law_rows(fits)), ""]
+
+
 def report(folder: Path, figures: Path) -> list[str]:
     """The generated block's lines; also writes the figures and folder/summary.csv."""
     runs = load(folder)
@@ -698,6 +732,6 @@ def report(folder: Path, figures: Path) -> list[str]:
     return (stages(runs, folder) + budget_curve(runs, figures) + law_by_budget(runs, figures)
             + heatmaps(runs, figures) + write_speed(runs) + capacity(runs) + phase_transition(runs, figures) + density(runs) + phonebook_law(runs)
             + memft(runs, "long context") + memft(runs, "PhoneBook") + memft(runs, "PhoneBook, the authors' schedules")
-            + sampling(folder)
+            + sampling(folder) + gpu_grid(folder.parent / "gpu")
             + [f"{len(runs)} runs, {hours:.1f} h of summed run time (wall time, or training time over resumes where longer; one thread each, two chains side by side); "
                f"one row per run in results/convergence/summary.csv.", ""])
