@@ -647,7 +647,16 @@ def sampling(folder: Path) -> list[str]:
             f"The sampled fraction lies inside its 95% Wilson interval around Π p in {inside} of {checked} cases. "
             "That agreement is an identity (sampling an answer token by token has exactly that probability): it "
             "checks the sampler, not the paper. The finding is the size of Π p: greedy recall is certain once every "
-            "token has p > 0.5, sampled recall is not.", ""]
+            "token has p > 0.5, sampled recall is not.", "", *retrained_note(rows)]
+
+
+def retrained_note(rows: list[dict]) -> list[str]:
+    names = sorted({r["name"] for r in rows if r.get("retrained")})
+    if not names:
+        return []
+    return [f"{len(names)} of the {len({r['name'] for r in rows})} runs were measured on adapters trained again from "
+            "their results files (`docs/sampling.py --retrain`; adapters are not committed): each new run stopped at "
+            "the recorded step with the recorded final loss to within 1e-4 relative.", ""]
 
 
 def summary_csv(runs: list[dict]) -> str:

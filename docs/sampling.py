@@ -3,6 +3,7 @@ limitation). Greedy recall is certain once every answer token has p > 0.5; sampl
 
     python docs/sampling.py                 # every memorised run in results/convergence/, K = 100 on seed 0
     python docs/sampling.py --k 400 --temperatures 0.5,0.7,1.0 --sample-seeds 0,1
+    python docs/sampling.py --retrain --lengths 25,50   # adapters trained elsewhere: train them again first
 
 For each memorised adapter and temperature T it draws K sampled decodes of the answer (full softmax,
 no top-p) and counts those that reproduce it exactly, next to Π_t softmax(z_t / T)[target_t], the
@@ -10,7 +11,10 @@ teacher-forced probability of the whole answer. The two must agree: sampling the
 has exactly that probability. That agreement is an identity, a check of the sampler, not evidence
 about memory; the evidence is how small Π p becomes for answers that greedy decoding recalls
 perfectly. Writes results/convergence/sampling.json (atomically), read by docs/report.py. Runs whose
-adapter folder is absent (adapters are not committed) are skipped with a line saying so.
+adapter folder is absent (adapters are not committed) are skipped with a line saying so, or with
+--retrain trained again from their recorded settings; the adapter is kept only when the new run ends
+at the same step with the same final loss (to 1e-4 relative: another machine of the same kind adds in
+another order, so runs agree to about 1e-6, not bit for bit), and its rows are marked retrained.
 """
 
 import argparse
@@ -74,21 +78,52 @@ def measure(run: dict, adapter: Path, k: int, temperatures: list[float]) -> list
     return rows
 
 
-def main(k: int, temperatures: list[float], folder: Path, sample_seeds: set[int]) -> None:
+REL_TOL = 1e-4  # another machine of the same kind sums in another order: losses agree to ~1e-6, not bit for bit
+
+
+def retrain(run: dict, folder: Path) -> bool:
+    """Train a run again from the settings its results file records, into folder/.retrain/, and keep the
+    adapter in folder/<name>/ when the new run ends where the recorded one did (the same stop step, the
+    final loss within REL_TOL): the adapters are not committed, the results are. False, with a line, when
+    it differs. The adapter folder gets a RETRAINED marker, and its sampling rows say so."""
+    import shutil
+
+    import train
+
+    fields = train.Config.__dataclass_fields__
+    scratch = folder / ".retrain"
+    cfg = train.Config(**{k: v for k, v in run["settings"].items() if k in fields} | dict(out=str(scratch)))
+    new = train.main(cfg)
+    same = new["stopped_at"] == run["stopped_at"] and math.isclose(new["loss_final"], run["loss_final"], rel_tol=REL_TOL)
+    if not same:
+        print(f"{run['name']}: trained again, it ended at step {new['stopped_at']} with loss {new['loss_final']:.6g}, "
+              f"not at {run['stopped_at']} with {run['loss_final']:.6g}: its adapter is not this run's, skipped",
+              flush=True)
+        return False
+    shutil.move(str(scratch / run["name"]), str(folder / run["name"]))
+    (folder / run["name"] / "RETRAINED").write_text(f"loss_final {new['loss_final']!r}, recorded {run['loss_final']!r}\n")
+    return True
+
+
+def main(k: int, temperatures: list[float], folder: Path, sample_seeds: set[int], again: bool = False,
+         lengths: set[int] | None = None) -> None:
     done = json.loads(OUT.read_text()) if OUT.exists() else dict(rows=[])
     have = {(r["name"], r["temperature"], r["k"]) for r in done["rows"]}
     for f in sorted(folder.glob("*.json")):
         run = json.loads(f.read_text())
         if not isinstance(run, dict) or run.get("exact_match") != 1.0 or run.get("task") != "longctx":
             continue
+        if lengths and run["length"] not in lengths:
+            continue
         kk = k if run["seed"] in sample_seeds else 0
         want = [t for t in temperatures if (run["name"], t, kk) not in have]
-        if want and not (folder / run["name"] / "adapter.json").is_file():
+        if want and not (folder / run["name"] / "adapter.json").is_file() and not (again and retrain(run, folder)):
             print(f"{run['name']}: no adapter in {folder / run['name']} (adapters are not committed; they exist "
-                  f"where the run was trained), skipped", flush=True)
+                  f"where the run was trained; --retrain trains it again), skipped", flush=True)
             continue
         if want:
-            done["rows"] += measure(run, folder / run["name"], kk, want)
+            retrained = (folder / run["name"] / "RETRAINED").exists()
+            done["rows"] += [row | dict(retrained=retrained) for row in measure(run, folder / run["name"], kk, want)]
             tmp = OUT.with_suffix(".tmp")
             tmp.write_text(json.dumps(done, indent=1))
             os.replace(tmp, OUT)  # resumable: each finished run is kept
@@ -101,7 +136,11 @@ if __name__ == "__main__":
                     help="training seeds whose runs are also sampled (default 0); every memorised run gets Π p")
     ap.add_argument("--temperatures", default="0.5,0.7,1.0", help="comma list (default 0.5,0.7,1.0)")
     ap.add_argument("--results", default=str(ROOT / "results" / "convergence"))
+    ap.add_argument("--retrain", action="store_true",
+                    help="train a memorised run again when its adapter is absent, from the settings in its results "
+                         "file, and keep the adapter if the run ends exactly where it did")
+    ap.add_argument("--lengths", default="", help="comma list: only the runs of these answer lengths ℓ")
     a = ap.parse_args()
     torch.manual_seed(0)
     main(a.k, [float(x) for x in a.temperatures.split(",")], Path(a.results),
-         {int(x) for x in a.sample_seeds.split(",") if x})
+         {int(x) for x in a.sample_seeds.split(",") if x}, a.retrain, {int(x) for x in a.lengths.split(",") if x})
