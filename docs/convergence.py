@@ -622,7 +622,7 @@ def sampling(folder: Path) -> list[str]:
         return []
     rows = json.loads(f.read_text())["rows"]
     temps = sorted({r["temperature"] for r in rows})
-    out, inside, checked = [], 0, 0
+    out, inside, checked, shared = [], 0, 0, 0
     for L in sorted({r["length"] for r in rows}):
         for rank in sorted({r["rank"] for r in rows if r["length"] == L}):
             at = [r for r in rows if r["length"] == L and r["rank"] == rank]
@@ -636,6 +636,7 @@ def sampling(folder: Path) -> list[str]:
                 cells.append(cell)
                 for r in smp:
                     checked += 1
+                    shared += r.get("sampler_seed") is None
                     inside += r["ci95"][0] <= r["predicted"] <= r["ci95"][1]
             out.append([L, rank, len({r["seed"] for r in at})] + cells)
     k = max((r["k"] for r in rows), default=0)
@@ -644,7 +645,9 @@ def sampling(folder: Path) -> list[str]:
             "that sampling at temperature T reproduces the whole answer (mean over the training seeds), and in "
             f"brackets the fraction of K = {k} sampled decodes (seed-0 run) that did.", "",
             table(["ℓ", "rank", "runs"] + [f"T = {t:g}" for t in temps], out), "",
-            f"The sampled fraction lies inside its 95% Wilson interval around Π p in {inside} of {checked} cases. "
+            f"The sampled fraction lies inside its 95% Wilson interval around Π p in {inside} of {checked} cases"
+            + (f" ({shared} of them drawn with one sampler seed, 0, for every run and temperature: they share their "
+               "random numbers, so they are not independent checks)" if shared else "") + ". "
             "That agreement is an identity (sampling an answer token by token has exactly that probability): it "
             "checks the sampler, not the paper. The finding is the size of Π p: greedy recall is certain once every "
             "token has p > 0.5, sampled recall is not.", "", *retrained_note(rows)]

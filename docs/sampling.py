@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -55,6 +56,12 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def sampler_seed(name: str, temperature: float) -> int:
+    """A sampler seed of its own per run and temperature, so that the sampled fractions are independent checks
+    (one seed for all would draw the same random numbers for every run and temperature)."""
+    return zlib.crc32(f"{name} T={temperature:g}".encode())
+
+
 def measure(run: dict, adapter: Path, k: int, temperatures: list[float]) -> list[dict]:
     """One memorised run: per temperature, predicted and (k > 0) sampled exact recall of its answers."""
     tok = load_tokenizer(run["model"])
@@ -69,10 +76,11 @@ def measure(run: dict, adapter: Path, k: int, temperatures: list[float]) -> list
             pred = math.exp(answer_log_prob(model, e.prompt, e.answer, t))
             rate, ci = None, None
             if k:
-                [rate] = sampled_recall(model, [e], k, t, 1.0, seed=0)
+                [rate] = sampled_recall(model, [e], k, t, 1.0, seed=sampler_seed(run["name"], t))
                 ci = wilson(round(rate * k), k)
             rows.append(dict(name=run["name"], rank=run["rank"], length=run["length"], seed=run["seed"], example=e.id,
-                             temperature=t, k=k, predicted=pred, sampled=rate, ci95=ci))
+                             temperature=t, k=k, predicted=pred, sampled=rate, ci95=ci,
+                             sampler_seed=sampler_seed(run["name"], t) if k else None))
             print(f"{run['name']} T={t}: predicted {pred:.4f}" + ("" if rate is None else
                   f", sampled {rate:.4f} [{ci[0]:.3f}, {ci[1]:.3f}] (K={k})"), flush=True)
     return rows
