@@ -86,7 +86,7 @@ def sampled_recall(model: Transformer, examples: list[Example], k: int, temperat
         prompts = torch.tensor([e.prompt] * k, device=dev)
         targets = torch.tensor([e.answer] * k, device=dev)
         toks = decode_batch(model, prompts, len(e.answer), targets=targets, temperature=temperature, top_p=top_p,
-                      generator=g)
+                            generator=g)
         exact = (toks == targets[:, : toks.shape[1]]).all(dim=1) & (toks.shape[1] == len(e.answer))
         out.append(float(exact.float().mean()))
     return out
@@ -306,7 +306,7 @@ def replies(model: Transformer, prompts: list[list[int]], max_new: list[int], eo
     out: list[list[int]] = [[] for _ in prompts]
     for chunk in same_length_batches([len(p) for p in prompts], batch_size):
         toks = decode_batch(model, torch.tensor([prompts[i] for i in chunk], device=dev),
-                      max(max_new[i] for i in chunk), eos_id)  # (B, n)
+                            max(max_new[i] for i in chunk), eos_id)  # (B, n)
         for i, row in zip(chunk, toks.tolist()):
             row = row[: max_new[i]]
             out[i] = row[: row.index(eos_id) + 1] if eos_id in row else row

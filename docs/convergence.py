@@ -306,12 +306,13 @@ def write_speed(runs: list[dict]) -> list[str]:
     return out
 
 
-def capacity(runs: list[dict]) -> list[str]:
-    """Per rank: the longest ℓ recalled exactly by every seed, the shortest not, and two bit counts.
+CAPACITY_HEADER = ["rank", "params", "seeds", "longest ℓ held", "shortest ℓ lost", "bits/param (ℓ·log₂V)",
+                   "bits/param (Morris)"]
 
-    bits/param = ℓ·log₂V / params counts every stored id as log₂V bits, the most a random id can carry.
-    Morris et al.'s measure ℓ·(ln V − L_final)/ln 2 credits only the loss below a uniform guess."""
-    grid = grid_runs(runs, lengths=None)  # the grid and docs/capacity.py's probes
+
+def capacity_rows(grid: list[dict]) -> list[list]:
+    """Per rank of a grid of runs: params, seeds, the longest ℓ every seed recalled exactly, the shortest ℓ
+    some seed did not, and the two bit counts (CAPACITY_HEADER)."""
     rows = []
     for rank in sorted({r["rank"] for r in grid}):
         at = [r for r in grid if r["rank"] == rank]
@@ -324,6 +325,15 @@ def capacity(runs: list[dict]) -> list[str]:
         seeds = sorted({r["seed"] for r in at})
         rows.append([rank, at[0]["params"], len(seeds), best, min(lost) if lost else None,
                      None if best is None else best * math.log2(VOCAB) / at[0]["params"], morris / at[0]["params"]])
+    return rows
+
+
+def capacity(runs: list[dict]) -> list[str]:
+    """Per rank: the longest ℓ recalled exactly by every seed, the shortest not, and two bit counts.
+
+    bits/param = ℓ·log₂V / params counts every stored id as log₂V bits, the most a random id can carry.
+    Morris et al.'s measure ℓ·(ln V − L_final)/ln 2 credits only the loss below a uniform guess."""
+    rows = capacity_rows(grid_runs(runs, lengths=None))  # the grid and docs/capacity.py's probes
     if not rows:
         return []
     return ["### Capacity", "",
@@ -334,8 +344,7 @@ def capacity(runs: list[dict]) -> list[str]:
             "which credits partly learned answers too. Where the two lengths are far apart, "
             "`python docs/capacity.py --rank R` narrows them. Published, for whole models trained to "
             "convergence: ≈ 2 bits per parameter (Allen-Zhu and Li) and 3.6 (Morris et al.).", "",
-            table(["rank", "params", "seeds", "longest ℓ held", "shortest ℓ lost", "bits/param (ℓ·log₂V)",
-                   "bits/param (Morris)"], rows), ""]
+            table(CAPACITY_HEADER, rows), ""]
 
 
 def phase_states(runs: list[dict]) -> list[list[tuple]]:
@@ -512,7 +521,6 @@ def paired(a: list[float], b: list[float]) -> str:
     """b − a over paired seeds: mean ± sd, wins/ties/losses, the 95% t interval of the mean difference, and
     two-sided sign, Wilcoxon and t tests."""
     from scipy.stats import binomtest, ttest_rel, wilcoxon
-
     from scipy.stats import t as student
 
     d = np.array(b) - np.array(a)
@@ -575,8 +583,7 @@ def memft(runs: list[dict], label: str) -> list[str]:
     seeds = sorted(set.intersection(*(set(v) for v in arms.values()))) if len(arms) == 3 else []
     if len(seeds) < 2:
         return []
-    names = METRICS
-    name = names[metric]
+    name = METRICS[metric]
     rows, tests = [], []
     for m in ("sft", "ot", "sw"):
         v = [arms[m][s][metric] for s in seeds]
@@ -587,7 +594,7 @@ def memft(runs: list[dict], label: str) -> list[str]:
                                                      " / ".join("–" if x is None else str(x) for x in t)])
         for k in metrics:
             if m != "sft":
-                tests.append(f"- {m.upper()} − SFT, {names[k].split(' (')[0]}: "
+                tests.append(f"- {m.upper()} − SFT, {METRICS[k].split(' (')[0]}: "
                              + paired([arms["sft"][s][k] for s in seeds], [arms[m][s][k] for s in seeds]))
     return [f"### MemFT against SFT, {label}", "",
             f"{what}, stopping once memorised. "
@@ -595,7 +602,7 @@ def memft(runs: list[dict], label: str) -> list[str]:
             "mean ± sd; runs recalled entirely; the step of entire recall (– = not within the budget).", "",
             table(["method"] + [f"seed {s}" for s in seeds] + ["mean ± sd", "all exact", "steps to all exact"], rows),
             *([] if len(metrics) == 1 else
-              ["", "Per seed, " + "; ".join(f"{names[k]}: " + ", ".join(
+              ["", "Per seed, " + "; ".join(f"{METRICS[k]}: " + ", ".join(
                   f"{m.upper()} " + " / ".join(f"{arms[m][s][k]:.3g}" for s in seeds) for m in ("sft", "ot", "sw"))
                   for k in metrics[1:])]),
             "", "Paired differences (mean ± sd over seeds):", "", *tests, *matched_steps(arms, seeds, label, metrics), "",
@@ -709,14 +716,6 @@ def gpu_grid(folder: Path) -> list[str]:
     device = json.loads((folder / "device.json").read_text()) if (folder / "device.json").exists() else {}
     ranks, lengths = sorted({r["rank"] for r in runs}), sorted({r["length"] for r in runs})
     seeds = sorted({r["seed"] for r in runs})
-    held = []
-    for rank in ranks:
-        ok = [L for L in lengths if by_seed(runs, rank, L) and all(x["exact_match"] == 1.0 for x in by_seed(runs, rank, L))]
-        lost = [L for L in lengths if by_seed(runs, rank, L) and L not in ok]
-        best = max(ok) if ok else None
-        params = next(r["params"] for r in runs if r["rank"] == rank)
-        held.append([rank, params, best, min(lost) if lost else None,
-                     None if best is None else best * math.log2(VOCAB) / params])
     fits = [law_at(runs, 50, drop_saturated=True), law_at(runs, None)]
     dtypes = sorted({r.get("settings", {}).get("dtype") or "the default dtype" for r in runs})
     return [f"### The paper-scale grid on a GPU ({device.get('device', 'device not recorded')})", "",
@@ -726,9 +725,9 @@ def gpu_grid(folder: Path) -> list[str]:
             f"memorised) in {', '.join(dtypes)} on {device.get('device', 'a GPU')} (torch {device.get('torch', '?')}), "
             "where the CPU study runs fp32. Each cell: token accuracy / runs recalled entirely (steps to that).", "",
             table(["ℓ"] + [f"r={r}" for r in ranks], cells(runs, tuple(ranks), tuple(lengths), "token_acc")), "",
-            "Per rank, the longest ℓ held, the shortest lost, and the bits per parameter of the held answer "
-            "(ℓ·log₂V / params):", "",
-            table(["rank", "params", "longest ℓ held", "shortest ℓ lost", "bits/param"], held), "",
+            "Per rank, the longest ℓ held, the shortest lost, and the bits per parameter as in the CPU study's "
+            "capacity table:", "",
+            table(CAPACITY_HEADER, capacity_rows(runs)), "",
             "The law over the grid at step 50 (saturated points dropped) and at the end:", "",
             table(LAW_HEADER, law_rows(fits)), ""]
 

@@ -74,13 +74,13 @@ def measure(run: dict, adapter: Path, k: int, temperatures: list[float]) -> list
     for t in temperatures:
         for e in task.train:
             pred = math.exp(answer_log_prob(model, e.prompt, e.answer, t))
-            rate, ci = None, None
+            rate, ci, seed = None, None, None
             if k:
-                [rate] = sampled_recall(model, [e], k, t, 1.0, seed=sampler_seed(run["name"], t))
+                seed = sampler_seed(run["name"], t)
+                [rate] = sampled_recall(model, [e], k, t, 1.0, seed=seed)
                 ci = wilson(round(rate * k), k)
             rows.append(dict(name=run["name"], rank=run["rank"], length=run["length"], seed=run["seed"], example=e.id,
-                             temperature=t, k=k, predicted=pred, sampled=rate, ci95=ci,
-                             sampler_seed=sampler_seed(run["name"], t) if k else None))
+                             temperature=t, k=k, predicted=pred, sampled=rate, ci95=ci, sampler_seed=seed))
             print(f"{run['name']} T={t}: predicted {pred:.4f}" + ("" if rate is None else
                   f", sampled {rate:.4f} [{ci[0]:.3f}, {ci[1]:.3f}] (K={k})"), flush=True)
     return rows
