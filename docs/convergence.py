@@ -155,7 +155,7 @@ def law_rows(fits: list[dict]) -> list[list]:
     rows = []
     for f in fits:
         if "error" in f:
-            rows.append([f["step"], f["runs"], f["points"], "undetermined: " + f["error"][:90]] + [None] * 6)
+            rows.append([f["step"], f["runs"], f["points"], "undetermined: " + f["error"]] + [None] * 6)
             continue
         lof = "–" if f.get("lof_F") is None else f"F({f['lof_df'][0]}, {f['lof_df'][1]}) = {f['lof_F']:.2f}, " \
                                                   f"p = {f['lof_p']:.2g}"
@@ -488,14 +488,16 @@ def density(runs: list[dict]) -> list[str]:
         if sel:
             out += [f"ρ = {rho:g}:", "", table(["ℓ"] + [f"r={r}" for r in DENSITY_RANKS],
                                                    cells(sel, DENSITY_RANKS, DENSITY_LENGTHS, "token_acc")), ""]
-    rows = []
+    rows, inits = [], [r["loss_init"] for sel in by_rho.values() for r in sel]
     for label, sel in [(f"ρ = {rho:g}", sel) for rho, sel in by_rho.items() if sel] + \
                       [("all ρ together", [r for sel in by_rho.values() for r in sel])]:
         for fit in (law_at(sel, 50, drop_saturated=True), law_at(sel, 2000)):
             rows.append([label] + law_rows([fit])[0])
     out += ["The law per density, at step 50 with saturated points dropped and at the end with every point. "
-            "\"All ρ together\" averages the densities at each (rank, ℓ), as `fitlaw.py --combine-noise` does; "
-            "its lack of fit is then against the spread over ρ and seeds.", "",
+            "\"All ρ together\" pools the densities at each (rank, ℓ), as `fitlaw.py --combine-noise` does. Its "
+            "lack-of-fit test is then against the spread over ρ and seeds, which is mostly the spread of L_init "
+            f"over ρ ({min(inits):.1f} to {max(inits):.1f} nats), so that test can hardly reject: its p is no "
+            "evidence that the law fits.", "",
             table(["data"] + LAW_HEADER, rows), ""]
     return out
 
@@ -638,8 +640,8 @@ def sampling(folder: Path) -> list[str]:
                 pred = [r["predicted"] for r in at if r["temperature"] == t]
                 smp = [r for r in at if r["temperature"] == t and r["sampled"] is not None]
                 cell = f"{np.mean(pred):.3f}" if pred else "–"
-                if smp:
-                    cell += f" ({smp[0]['sampled']:.2f})"
+                if smp:  # the sampled run's own Π p beside its sampled fraction: like with like
+                    cell += f" ({smp[0]['predicted']:.2f} / {smp[0]['sampled']:.2f})"
                 cells.append(cell)
                 for r in smp:
                     checked += 1
@@ -650,7 +652,8 @@ def sampling(folder: Path) -> list[str]:
     return ["### Recall under sampling", "",
             "Runs that greedy decoding recalls exactly. Each cell: Π_t softmax(z_t/T)[target_t], the probability "
             "that sampling at temperature T reproduces the whole answer (mean over the training seeds), and in "
-            f"brackets the fraction of K = {k} sampled decodes (seed-0 run) that did.", "",
+            f"brackets, for the one run sampled (training seed 0), its own Π p / the fraction of K = {k} sampled "
+            "decodes that reproduced the answer.", "",
             table(["ℓ", "rank", "runs"] + [f"T = {t:g}" for t in temps], out), "",
             f"The sampled fraction lies inside its 95% Wilson interval around Π p in {inside} of {checked} cases"
             + (f" ({shared} of them drawn with one sampler seed, 0, for every run and temperature: they share their "
