@@ -12,7 +12,8 @@
     python fitlaw.py results/convergence/*.json --plan-recall --tokens 80   # rank to recall 80 tokens exactly
 
 A group is one study: runs sharing (model, task, method, noise, preset, budget, schedule); --combine-noise
-merges the noise levels into one "combined" group. Within a group, runs at the same (rank or params,
+merges the noise levels into one "combined" group (whose replicates then include the other levels' runs,
+so its lack-of-fit test is against the spread between levels). Within a group, runs at the same (rank or params,
 length) are replicates (seeds): the law is fitted to the mean ΔL of each such point, and the seed-to-seed
 spread gives a lack-of-fit F test. The fit starts from log-space linear fits and is refined by nonlinear
 least squares. A group fails, with one line naming the reason, when the points cannot determine the
@@ -795,13 +796,17 @@ def _details(o: dict[str, Any], x: str) -> list[str]:
             lines.append(head + " n/a (fewer than half could be fitted: too few distinct points to resample)")
     if o["replicated_points"]:
         cv = f" ({100 * o['seed_cv']:.1f}%)" if o["seed_cv"] is not None else ""
-        lines.append(f"  seeds: {o['replicated_points']} points replicated (up to {o['max_replicates']} runs); "
-                     f"seed-to-seed sd of ΔL {g(o['seed_sd'])}{cv}, df {o['seed_df']}")
+        pooled = o["noise"] == "combined"  # replicates are then runs at other noise levels too, not seeds alone
+        spread = "spread of ΔL over noise levels and seeds" if pooled else "seed-to-seed sd of ΔL"
+        lines.append(f"  {'replicates' if pooled else 'seeds'}: {o['replicated_points']} points replicated (up to "
+                     f"{o['max_replicates']} runs); {spread} {g(o['seed_sd'])}{cv}, df {o['seed_df']}")
         if o["lof_F"] is None:
             lines.append("  lack of fit: n/a (replicates identical: no pure error)")
         else:
             lines.append(f"  lack of fit: F({o['lof_df'][0]}, {o['lof_df'][1]}) = {o['lof_F']:.3g}, "
-                         f"p = {o['lof_p']:.3g}")
+                         f"p = {o['lof_p']:.3g}" + (" (against the spread over noise levels, which holds the "
+                                                    "differences between them: no evidence that the law fits)"
+                                                    if pooled else ""))
     else:
         lines.append("  seeds: one run per point; lack of fit: n/a (no replicates)")
     if o["sample_spearman_n"]:

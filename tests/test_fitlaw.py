@@ -470,6 +470,36 @@ def test_groups_by_study_and_reports_seeds(tmp_path, capsys):
     assert "95% CI (bootstrap over points, 200 of 200 resamples fitted): C [" in text.stdout
 
 
+def test_pooled_noise_levels_lack_of_fit_is_blind_and_says_so(tmp_path, capsys):
+    """--combine-noise pools runs at other noise levels as replicates, so its pure error is the spread
+    between the levels: a pooled mean that no law fits still passes, and the output says the test is blind."""
+    steep = lambda r, l: fitlaw.law(r, l, C=5.0, alpha=0.9, beta=0.6, b=3.05)  # noqa: E731  another α, offset b
+    paths = []
+    for i, (noise, fn) in enumerate([(0.1, true_law), (0.5, steep)]):
+        r, l, dl = replicated(fn, k=2, sd=0.02, seed=i)
+        paths += write_runs(tmp_path, r, l, dl, noise=noise, seeds=np.tile([0, 1], r.size // 2), start=1000 * i)
+    rc, groups, _ = groups_of(capsys, paths)
+    assert rc == 0 and [g["noise"] for g in groups] == [0.1, 0.5]
+    assert all(g["seed_sd"] < 0.03 for g in groups)  # each level's pure error: its seeds (sd 0.02)
+    rc, (c,), _ = groups_of(capsys, paths, combine_noise=True)
+    assert rc == 0 and c["noise"] == "combined" and c["max_replicates"] == 4
+    assert c["seed_sd"] > 1.0 and c["lof_p"] > 0.05  # the levels' difference is taken for noise: no rejection
+    # against the seeds' own spread (sd 0.02; the mean of 4 runs has variance 0.02²/4; df 30 per level)
+    # the pooled mean is far from any one law
+    r, l = (a.ravel().astype(float) for a in np.meshgrid(RANKS, LENGTHS))
+    mean = (true_law(r, l) + steep(r, l)) / 2
+    fit = fitlaw.fit_law(r, l, mean)
+    rss = np.sum((mean - fitlaw.law(r, l, fit["C"], fit["alpha"], fit["beta"], fit["b"])) ** 2)
+    assert f_dist.sf(rss / (r.size - 4) / (0.02 ** 2 / 4), r.size - 4, 60) < 1e-6
+    fitlaw.main(paths, n_boot=0, combine_noise=True)
+    text = capsys.readouterr().out
+    assert "replicates: 30 points replicated (up to 4 runs); spread of ΔL over noise levels and seeds" in text
+    assert "no evidence that the law fits" in text
+    fitlaw.main(paths, n_boot=0)
+    text = capsys.readouterr().out
+    assert "seeds: 30 points replicated (up to 2 runs); seed-to-seed sd" in text and "no evidence" not in text
+
+
 @pytest.mark.slow
 def test_where_and_exclude_saturated(tmp_path, capsys):
     r, l, dl = grid_points(noise=0.01)
