@@ -8,11 +8,12 @@ convergence study's budget (2000 steps at a constant lr 1e-2, stopping once memo
 A length counts as held when the run of every training seed recalls its answer exactly by the decoder.
 The seeds of a probe run one after another, and a probe stops at the first seed that fails: that run
 alone decides the length is lost.
-The bounds start from the runs already in results/convergence/ (the law grid). While no length is lost,
-the next probe doubles the longest held one (up to --max-length); then each new length is the
-geometric midpoint of the bounds, rounded, and bisection stops when hi / lo − 1 ≤ tolerance or
-hi − lo ≤ 1. Every probe is an ordinary train.py run in results/convergence/, so rerunning resumes: finished
-runs are reused and a killed one continues from its checkpoint.
+The bounds start from the law grid's runs in results/convergence/. While no length is lost, the next
+probe doubles the longest held one (up to --max-length); then each new length is the geometric midpoint
+of the bounds, rounded, and bisection stops when hi / lo − 1 ≤ tolerance or hi − lo ≤ 1. Every probe is
+an ordinary train.py run in results/convergence/capacity/ (apart from the grid, so that a law fit over
+results/convergence/*.json stays the designed grid), and rerunning resumes: finished runs are reused and
+a killed one continues from its checkpoint.
 """
 
 import argparse
@@ -23,16 +24,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "results" / "convergence"
+GRID = ROOT / "results" / "convergence"  # the law grid's runs: the first bounds
+OUT = GRID / "capacity"  # the probes
 SETTINGS = ["--task", "longctx", "--noise", "1.0", "--data-seed", "0", "--schedule", "constant", "--steps", "2000",
             "--snapshots", "50,100,200,300,500,700,1000,1500,2000", "--stop-when-memorized", "--save-every", "100"]
+
+
+def results(pattern: str) -> list[Path]:
+    """The grid's and the probes' results files matching a glob pattern."""
+    return sorted(GRID.glob(pattern)) + sorted(OUT.glob(pattern))
 
 
 def held(rank: int, length: int, seeds: list[int]) -> bool | None:
     """Whether every seed's run at (rank, length) recalled exactly: False as soon as one finished run did
     not (one failure decides, so the other seeds need not run), None while that is undecided."""
     runs = {}
-    for f in OUT.glob(f"longctx-n1-L{length}-r{rank}-sft-const-s*.json"):
+    for f in results(f"longctx-n1-L{length}-r{rank}-sft-const-s*.json"):
         run = json.loads(f.read_text())
         if run.get("data_seed") == 0 and run.get("budget") == 2000 and run["seed"] in seeds:
             runs[run["seed"]] = run
@@ -43,7 +50,7 @@ def held(rank: int, length: int, seeds: list[int]) -> bool | None:
 
 def bounds(rank: int, seeds: list[int]) -> tuple[int | None, int | None]:
     """(longest ℓ held, shortest ℓ lost) among the finished runs of this rank."""
-    lengths = sorted({int(f.name.split("-L")[1].split("-")[0]) for f in OUT.glob(f"longctx-n1-L*-r{rank}-sft-const-*.json")})
+    lengths = sorted({int(f.name.split("-L")[1].split("-")[0]) for f in results(f"longctx-n1-L*-r{rank}-sft-const-*.json")})
     verdicts = {L: held(rank, L, seeds) for L in lengths}
     lo = max((L for L, v in verdicts.items() if v), default=None)
     hi = min((L for L, v in verdicts.items() if v is False), default=None)
@@ -55,7 +62,7 @@ def bisect(rank: int, seeds: list[int], tolerance: float, python: str, max_lengt
     while True:
         lo, hi = bounds(rank, seeds)
         if lo is None:
-            sys.exit(f"error: rank {rank} needs a held length in {OUT} first (run the law grid: "
+            sys.exit(f"error: rank {rank} needs a held length in {GRID} first (run the law grid: "
                      "bash docs/reproduce.sh)")
         if hi is None and 2 * lo > max_length:
             print(f"rank {rank}: holds ℓ = {lo}; doubling would pass --max-length {max_length}", flush=True)

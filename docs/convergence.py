@@ -33,10 +33,11 @@ SUMMARY_KEYS = ("name", "task", "noise", "length", "rank", "params", "method", "
 
 
 def load(folder: Path) -> list[dict]:
-    """Every results file in `folder` and in its memft/ folder (stages 3 and 4), not in the runs' own
-    folders, each with its file name as _file."""
+    """Every results file in `folder`, in its memft/ folder (stages 3, 4 and 8) and in its capacity/ folder
+    (stage 7's probes), not in the runs' own folders, each with its file name as _file."""
     runs = []
-    for f in sorted(folder.glob("*.json")) + sorted((folder / "memft").glob("*.json")):
+    for f in sorted(folder.glob("*.json")) + sorted((folder / "memft").glob("*.json")) + \
+            sorted((folder / "capacity").glob("*.json")):
         if f.name == "sampling.json":
             continue
         run = json.loads(f.read_text())

@@ -21,9 +21,18 @@ def write_run(out: Path, rank: int, length: int, seed: int, exact: bool) -> None
     (out / f"longctx-n1-L{length}-r{rank}-sft-const-s{seed}{data}.json").write_text(json.dumps(run))
 
 
-def test_bisects_and_skips_the_seeds_after_a_failure(tmp_path, monkeypatch):
+def load_into(tmp_path: Path, monkeypatch):
+    """docs/capacity.py with its grid folder and its probes' folder under tmp_path: (module, grid, probes)."""
     capacity = load_capacity()
-    monkeypatch.setattr(capacity, "OUT", tmp_path)
+    grid, probes = tmp_path / "grid", tmp_path / "grid" / "capacity"
+    probes.mkdir(parents=True)
+    monkeypatch.setattr(capacity, "GRID", grid)
+    monkeypatch.setattr(capacity, "OUT", probes)
+    return capacity, grid, probes
+
+
+def test_bisects_and_skips_the_seeds_after_a_failure(tmp_path, monkeypatch):
+    capacity, grid, probes = load_into(tmp_path, monkeypatch)
     longest = {0: 44, 1: 47}  # each seed recalls answers up to this length: the rank's capacity is 44
     calls = []
 
@@ -31,26 +40,27 @@ def test_bisects_and_skips_the_seeds_after_a_failure(tmp_path, monkeypatch):
         arg = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
         length, rank, seed = int(arg["--length"]), int(arg["--rank"]), int(arg["--seed"])
         calls.append((length, seed))
-        write_run(tmp_path, rank, length, seed, length <= longest[seed])
+        write_run(Path(arg["--out"]), rank, length, seed, length <= longest[seed])
 
     monkeypatch.setattr(capacity.subprocess, "run", fake_train)
     for seed in (0, 1):  # the grid: ℓ = 25 held by both seeds, ℓ = 100 lost by both
-        write_run(tmp_path, 2, 25, seed, True)
-        write_run(tmp_path, 2, 100, seed, False)
+        write_run(grid, 2, 25, seed, True)
+        write_run(grid, 2, 100, seed, False)
 
     assert capacity.bisect(2, [0, 1], tolerance=0.1, python="python", max_length=1600) == (42, 46)
     # By hand: ℓ = √(25·100) = 50 is lost by seed 0, so seed 1 never runs; 35 and 42 are held by both;
     # √(42·50) ≈ 46 is lost by seed 0; 46/42 − 1 < 0.1 stops.
     assert calls == [(50, 0), (35, 0), (35, 1), (42, 0), (42, 1), (46, 0)]
+    # the probes went to their own folder, the grid's folder holds the grid alone
+    assert len(list(probes.glob("*.json"))) == 6 and len(list(grid.glob("*.json"))) == 4
 
 
 def test_a_failure_decides_before_every_seed_has_run(tmp_path, monkeypatch):
-    capacity = load_capacity()
-    monkeypatch.setattr(capacity, "OUT", tmp_path)
-    write_run(tmp_path, 4, 120, 1, True)
+    capacity, grid, probes = load_into(tmp_path, monkeypatch)
+    write_run(probes, 4, 120, 1, True)
     assert capacity.held(4, 120, [0, 1]) is None  # seed 0 has not run: undecided
-    write_run(tmp_path, 4, 120, 0, False)
+    write_run(probes, 4, 120, 0, False)
     assert capacity.held(4, 120, [0, 1]) is False
-    write_run(tmp_path, 4, 60, 0, False)
+    write_run(grid, 4, 60, 0, False)
     assert capacity.held(4, 60, [0, 1]) is False  # one failed seed is enough
     assert capacity.bounds(4, [0, 1]) == (None, 60)
