@@ -486,7 +486,8 @@ def best_plan(runs: Sequence[Run], tokens: int, width: int | None = None, model:
             reasons.append((len(members), f"{group_label(key)}: {e}"))
     if not plans:
         raise PlanError(max(reasons)[1])  # the largest group's reason
-    return max(plans, key=lambda p: (p["budget"] or 0, p["rank"]))
+    steps = lambda b: b if isinstance(b, (int, float)) else 0  # noqa: E731  a budget in epochs ranks last
+    return max(plans, key=lambda p: (steps(p["budget"]), p["rank"]))
 
 
 def print_plans(paths: Sequence[str], tokens: int, width: int | None = None,
@@ -555,6 +556,8 @@ def load_runs(paths: Iterable[str], x: str = "rank") -> tuple[list[Run], list[st
     sampling.json beside its runs), which a glob over a results folder picks up and which are skipped.
 
     Fills the documented defaults of older files: schedule "linear", data_seed = seed, budget = steps.
+    A run planned in epochs (train.py --epochs, e.g. one PhoneBook study over books of several sizes) has
+    the budget "N epochs", so that its lengths, whose steps differ, form one study.
     """
     runs, errors, others = [], [], []
     for path in paths:
@@ -588,6 +591,9 @@ def load_runs(paths: Iterable[str], x: str = "rank") -> tuple[list[Run], list[st
             run["data_seed"] = run.get("seed")
         if run.get("budget") is None:  # older files: the planned steps were the steps run
             run["budget"] = run.get("steps")
+        planned = run.get("settings") or {}
+        if planned.get("epochs") is not None and planned.get("steps") is None:
+            run["budget"] = f"{planned['epochs']} epochs"  # its steps grow with the data: the study is its epochs
         runs.append(dict(run, _path=path))
     return runs, errors, others
 
@@ -668,7 +674,7 @@ def _slug_part(k: str, v: Any) -> str:
     if k == "noise":
         return f"noise{v}"
     if k == "budget":
-        return f"{v}steps"
+        return f"{v}steps" if isinstance(v, (int, float)) else str(v).replace(" ", "")  # 2000steps, 200epochs
     return str(v).rstrip("/").rsplit("/", 1)[-1] if k == "model" else str(v)  # a model path: its last part
 
 
@@ -946,7 +952,8 @@ def main(paths: Sequence[str], x: str = "rank", as_json: bool = False, holdout: 
         print(f"plan: smallest {x} with predicted ΔL ≥ {target_delta} at ℓ = {length}")
     rho, n_rho = spearman([m.get("earliest_stubborn") for m in runs], [m.get("first_failure") for m in runs])
     if n_rho:
-        print(f"spearman(earliest_stubborn, first_failure) across runs: rho = {rho:.3f}, n = {n_rho}")
+        value = "undefined (under 3 runs, or one side the same in every run)" if math.isnan(rho) else f"{rho:.3f}"
+        print(f"spearman(earliest_stubborn, first_failure) across runs: rho = {value}, n = {n_rho}")
     viol = [m["sufficient_violations"] for m in runs if m.get("sufficient_violations") is not None]
     if viol:
         print(f"sufficient-condition violations: {sum(viol)} over {len(viol)} runs (must be 0)")
@@ -958,7 +965,7 @@ def main(paths: Sequence[str], x: str = "rank", as_json: bool = False, holdout: 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
 --json prints a list with one object per group:
-  model task method noise preset budget schedule  the group key (budget: planned steps); x, objective
+  model task method noise preset budget schedule  the group key (budget: planned steps, or "N epochs"); x, objective
   C alpha beta b, r2 mape                          the fit; R² and MAPE (%) over the point means
   n, points, cond                                  runs, distinct (x, length) points, Jacobian condition number
   ci95 {C, alpha, beta, b: [lo, hi]}, bootstrap_n, bootstrap_ok

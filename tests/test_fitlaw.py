@@ -470,6 +470,26 @@ def test_groups_by_study_and_reports_seeds(tmp_path, capsys):
     assert "95% CI (bootstrap over points, 200 of 200 resamples fitted): C [" in text.stdout
 
 
+def test_runs_planned_in_epochs_form_one_study_across_lengths(tmp_path, capsys):
+    """PhoneBooks of several sizes trained for the same epochs run different numbers of steps (batch 8:
+    ℓ/10 steps per epoch); grouped by steps, each length would be a study of its own and β undetermined."""
+    r, l, dl = grid_points(noise=0.0)
+    paths = []
+    for i, (ri, li, di) in enumerate(zip(r, l, dl)):
+        steps = int(li) * 20  # 200 epochs of ℓ/10 steps
+        paths += write_runs(tmp_path, [ri], [li], [di], start=i, steps=steps, budget=steps, schedule="constant",
+                            settings={"epochs": 200, "steps": None})
+    paths += write_runs(tmp_path, r, l, dl, start=100, steps=300, budget=300, schedule="constant",
+                        settings={"epochs": 200, "steps": 300})  # --steps overrides --epochs: a step budget
+    rc, groups, err = groups_of(capsys, paths)
+    assert rc == 0, err
+    assert [(g["budget"], g["n"]) for g in groups] == [("200 epochs", 30), (300, 30)]  # sorted as text
+    g = groups[0]
+    assert g["alpha"] == pytest.approx(TRUE["alpha"], rel=1e-4) and g["beta"] == pytest.approx(TRUE["beta"], rel=1e-4)
+    keys = [tuple(g[k] for k in fitlaw.KEY) for g in groups]
+    assert fitlaw.group_slugs(keys) == ["200epochs", "300steps"]
+
+
 def test_pooled_noise_levels_lack_of_fit_is_blind_and_says_so(tmp_path, capsys):
     """--combine-noise pools runs at other noise levels as replicates, so its pure error is the spread
     between the levels: a pooled mean that no law fits still passes, and the output says the test is blind."""
