@@ -50,7 +50,8 @@ def held(rank: int, length: int, seeds: list[int]) -> bool | None:
 
 def bounds(rank: int, seeds: list[int]) -> tuple[int | None, int | None]:
     """(longest ℓ held, shortest ℓ lost) among the finished runs of this rank."""
-    lengths = sorted({int(f.name.split("-L")[1].split("-")[0]) for f in results(f"longctx-n1-L*-r{rank}-sft-const-*.json")})
+    files = results(f"longctx-n1-L*-r{rank}-sft-const-*.json")
+    lengths = sorted({int(f.name.split("-L")[1].split("-")[0]) for f in files})
     verdicts = {L: held(rank, L, seeds) for L in lengths}
     lo = max((L for L, v in verdicts.items() if v), default=None)
     hi = min((L for L, v in verdicts.items() if v is False), default=None)
