@@ -313,17 +313,17 @@ CAPACITY_HEADER = ["rank", "params", "seeds", "longest ℓ held", "shortest ℓ 
 
 def capacity_rows(grid: list[dict]) -> list[list]:
     """Per rank of a grid of runs: params, seeds, the longest ℓ every seed recalled exactly, the shortest ℓ
-    some seed did not, and the two bit counts (CAPACITY_HEADER)."""
+    some seed did not, and the two bit counts (CAPACITY_HEADER). A length that only some seeds have run,
+    all exactly (a capacity probe under way), is neither held nor lost."""
     rows = []
     for rank in sorted({r["rank"] for r in grid}):
         at = [r for r in grid if r["rank"] == rank]
-        lengths = sorted({r["length"] for r in at})
-        verdict = {L: all(x["exact_match"] == 1.0 for x in by_seed(at, rank, L)) for L in lengths}
-        held = [L for L in lengths if verdict[L]]
-        lost = [L for L in lengths if not verdict[L]]
+        seeds = sorted({r["seed"] for r in at})
+        runs = {L: by_seed(at, rank, L) for L in sorted({r["length"] for r in at})}
+        held = [L for L, rs in runs.items() if len(rs) == len(seeds) and all(x["exact_match"] == 1.0 for x in rs)]
+        lost = [L for L, rs in runs.items() if any(x["exact_match"] < 1.0 for x in rs)]
         best = max(held) if held else None
         morris = max(r["length"] * max(0.0, math.log(VOCAB) - r["loss_final"]) / math.log(2) for r in at)
-        seeds = sorted({r["seed"] for r in at})
         rows.append([rank, at[0]["params"], len(seeds), best, min(lost) if lost else None,
                      None if best is None else best * math.log2(VOCAB) / at[0]["params"], morris / at[0]["params"]])
     return rows

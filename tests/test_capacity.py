@@ -1,8 +1,9 @@
 """docs/capacity.py's bisection, against a case worked by hand: a fake train.py whose runs recall an
-answer exactly up to a known length per seed."""
+answer exactly up to a known length per seed; and the report's capacity table on a probe under way."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,3 +65,22 @@ def test_a_failure_decides_before_every_seed_has_run(tmp_path, monkeypatch):
     write_run(grid, 4, 60, 0, False)
     assert capacity.held(4, 60, [0, 1]) is False  # one failed seed is enough
     assert capacity.bounds(4, [0, 1]) == (None, 60)
+
+
+def test_report_counts_a_length_only_when_every_seed_has_decided_it():
+    """docs/convergence.py's capacity table, by hand: ℓ = 50 run by one seed of two (exactly) is undecided,
+    ℓ = 100 is lost by its one failed seed."""
+    spec = importlib.util.spec_from_file_location("convergence", ROOT / "docs" / "convergence.py")
+    convergence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convergence)
+
+    def run(length: int, seed: int, exact: bool, loss_final: float) -> dict:
+        return dict(rank=2, params=2304, length=length, seed=seed, exact_match=1.0 if exact else 0.5,
+                    loss_final=loss_final)
+
+    runs = [run(25, 0, True, 0.1), run(25, 1, True, 0.2), run(50, 0, True, 0.1), run(100, 0, False, 9.0)]
+    [row] = convergence.capacity_rows(runs)
+    ln_v = math.log(49152)
+    # Morris: the most ℓ·(ln V − L_final)/ln 2 over the runs is ℓ = 50 at L_final 0.1 (25 at 0.1 is half)
+    morris = max(50 * (ln_v - 0.1), 100 * (ln_v - 9.0)) / math.log(2) / 2304
+    assert row == [2, 2304, 2, 25, 100, 25 * math.log2(49152) / 2304, morris]
