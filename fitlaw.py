@@ -389,7 +389,8 @@ def plan_group(runs: Sequence[Run], tokens: int, width: int | None = None) -> di
     that some run lost. A rank where every length was held says only "at least", so it bounds the
     measured range but does not enter the fit. Raises PlanError, naming the reason, when fewer than two
     ranks are bracketed, when capacity does not grow with rank, when `tokens` is longer than any answer
-    memorised here, or when the rank would lie beyond the measured ranks or above `width`."""
+    memorised here, or when the rank would lie beyond the measured ranks or above `width`. The plan is never
+    a rank at or below one that some run showed losing `tokens` or fewer tokens."""
     if tokens <= 0:
         raise PlanError(f"--tokens {tokens}: give the number of answer tokens to store, a positive integer")
     points = capacity_points(runs)
@@ -399,7 +400,7 @@ def plan_group(runs: Sequence[Run], tokens: int, width: int | None = None) -> di
                         f"of {len({r['rank'] for r in runs})}; the fit needs 2 or more: run longer answers at more "
                         f"ranks (docs/capacity.py bisects them)")
     K, gamma = fit_capacity(bracketed)
-    if gamma <= 0:
+    if gamma <= 1e-6:  # equal held lengths at two ranks fit γ = 0 up to rounding
         raise PlanError(f"the fitted capacity does not grow with rank (γ = {gamma:.3g}); the runs cannot plan a rank")
     longest = max(p[1] for p in points)
     if tokens > longest:
@@ -408,6 +409,9 @@ def plan_group(runs: Sequence[Run], tokens: int, width: int | None = None) -> di
     ranks = sorted({r["rank"] for r in runs})
     exact = (tokens / K) ** (1.0 / gamma)
     rank = max(ranks[0], math.ceil(round(exact, 9)))
+    failed = [r["rank"] for r in runs if r["answer_tokens"] <= tokens and not memorised(r)]
+    if failed and rank <= max(failed):  # a rank measured to lose this many tokens cannot be the plan
+        rank = max(failed) + 1
     if rank > ranks[-1]:
         raise PlanError(f"the fit gives rank {rank} for {tokens} tokens, above the largest rank measured "
                         f"({ranks[-1]}); the planner does not extrapolate beyond the measured ranks")

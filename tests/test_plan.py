@@ -74,6 +74,18 @@ def test_needs_two_bracketed_ranks_and_growth(tmp_path):
         fitlaw.plan_recall(write(tmp_path / "b", shrinking), 20)
 
 
+def test_equal_capacity_at_two_ranks_refuses_and_a_failed_rank_is_never_the_plan(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    # ranks 4 and 8 both hold 88 and lose 176 (as 8-number PhoneBooks did): γ = 0 up to rounding, no plan;
+    # rank 1 lost 88, so "rank 1" (what (84/88)^(1/γ) rounds to) would have been a plan it was seen to fail
+    flat = [run(r, n, n == 88, seed=s) for r in (4, 8) for n in (88, 176) for s in (0, 1)] + [run(1, 88, False)]
+    with pytest.raises(fitlaw.PlanError, match="does not grow with rank"):
+        fitlaw.plan_recall(write(tmp_path / "a", flat), 84)
+    # the law 16·√r plans rank 1 for 16 tokens; a rank-1 run that lost 12 tokens lifts the plan to rank 2
+    lost = law_runs() + [run(1, 12, False, seed=2)]
+    assert fitlaw.plan_recall(write(tmp_path / "b", lost), 16)["rank"] == 2
+
+
 def test_a_length_counts_as_held_only_when_every_run_of_it_recalled_every_token(tmp_path):
     runs = law_runs()
     runs[0] = dict(runs[0], stubborn=1)  # rank 1, 16 tokens, seed 0: decoded right, but one token at p ≤ 0.5
