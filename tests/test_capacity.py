@@ -9,8 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_capacity():
-    spec = importlib.util.spec_from_file_location("capacity", ROOT / "docs" / "capacity.py")
+def load_docs(name: str):
+    """docs/<name>.py as a module (docs/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -24,7 +25,7 @@ def write_run(out: Path, rank: int, length: int, seed: int, exact: bool) -> None
 
 def load_into(tmp_path: Path, monkeypatch):
     """docs/capacity.py with its grid folder and its probes' folder under tmp_path: (module, grid, probes)."""
-    capacity = load_capacity()
+    capacity = load_docs("capacity")
     grid, probes = tmp_path / "grid", tmp_path / "grid" / "capacity"
     probes.mkdir(parents=True)
     monkeypatch.setattr(capacity, "GRID", grid)
@@ -70,9 +71,7 @@ def test_a_failure_decides_before_every_seed_has_run(tmp_path, monkeypatch):
 def test_report_counts_a_length_only_when_every_seed_has_decided_it():
     """docs/convergence.py's capacity table, by hand: ℓ = 50 run by one seed of two (exactly) is undecided,
     ℓ = 100 is lost by its one failed seed."""
-    spec = importlib.util.spec_from_file_location("convergence", ROOT / "docs" / "convergence.py")
-    convergence = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convergence)
+    convergence = load_docs("convergence")
 
     def run(length: int, seed: int, exact: bool, loss_final: float) -> dict:
         return dict(rank=2, params=2304, length=length, seed=seed, exact_match=1.0 if exact else 0.5,
