@@ -412,6 +412,9 @@ def plan_group(runs: Sequence[Run], tokens: int, width: int | None = None) -> di
     failed = [r["rank"] for r in runs if r["answer_tokens"] <= tokens and not memorised(r)]
     if failed and rank <= max(failed):  # a rank measured to lose this many tokens cannot be the plan
         rank = max(failed) + 1
+        if rank > ranks[-1]:
+            raise PlanError(f"rank {rank - 1}, the largest measured, lost {tokens} answer tokens or fewer in some "
+                            "run; the planner does not extrapolate beyond the measured ranks")
     if rank > ranks[-1]:
         raise PlanError(f"the fit gives rank {rank} for {tokens} tokens, above the largest rank measured "
                         f"({ranks[-1]}); the planner does not extrapolate beyond the measured ranks")

@@ -84,6 +84,9 @@ def test_equal_capacity_at_two_ranks_refuses_and_a_failed_rank_is_never_the_plan
     # the law 16·√r plans rank 1 for 16 tokens; a rank-1 run that lost 12 tokens lifts the plan to rank 2
     lost = law_runs() + [run(1, 12, False, seed=2)]
     assert fitlaw.plan_recall(write(tmp_path / "b", lost), 16)["rank"] == 2
+    (tmp_path / "c").mkdir()  # the largest rank lost 16 tokens: no measured rank is left to plan
+    with pytest.raises(fitlaw.PlanError, match=r"rank 64, the largest measured, lost 16 answer tokens or fewer"):
+        fitlaw.plan_recall(write(tmp_path / "c", law_runs() + [run(64, 16, False, seed=2)]), 16)
 
 
 def test_a_length_counts_as_held_only_when_every_run_of_it_recalled_every_token(tmp_path):
