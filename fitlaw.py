@@ -359,17 +359,20 @@ def memorised(run: Run) -> bool:
 
 def capacity_points(runs: Iterable[Run]) -> list[tuple[int, int, int | None]]:
     """(rank, held, lost) per rank: `held` is the longest answer (in tokens) that every run of that length
-    memorised, `lost` the shortest longer one that some run did not (None when none was tried or all held).
-    Ranks with nothing held are left out."""
+    memorised, with every training seed of that rank run at it, `lost` the shortest longer one that some run
+    did not (None when none was tried or all held). A length that only some seeds have run, all memorised
+    (a capacity probe under way), is neither. Ranks with nothing held are left out."""
     by_rank = {}
     for run in runs:
-        by_rank.setdefault(run["rank"], {}).setdefault(run["answer_tokens"], []).append(memorised(run))
+        by_rank.setdefault(run["rank"], {}).setdefault(run["answer_tokens"], []).append((run.get("seed"), memorised(run)))
     points = []
     for rank, lengths in sorted(by_rank.items()):
-        held = max((n for n, ok in lengths.items() if all(ok)), default=None)
+        seeds = {seed for at in lengths.values() for seed, _ in at}
+        ok = {n: [m for _, m in at] for n, at in lengths.items()}
+        held = max((n for n, at in lengths.items() if {s for s, _ in at} == seeds and all(ok[n])), default=None)
         if held is None:
             continue
-        lost = min((n for n, ok in lengths.items() if n > held and not all(ok)), default=None)
+        lost = min((n for n in lengths if n > held and not all(ok[n])), default=None)
         points.append((rank, held, lost))
     return points
 
