@@ -329,6 +329,13 @@ def capacity_rows(grid: list[dict]) -> list[list]:
     return rows
 
 
+def capacity_table(rows: list[list]) -> str:
+    """The capacity rows as a table; where no longer ℓ was lost, the bits are a lower bound, shown as "≥"."""
+    bound = lambda v: None if v is None else f"≥ {v:.4g}"  # noqa: E731
+    return table(CAPACITY_HEADER, [row if row[4] is not None else row[:5] + [bound(v) for v in row[5:]]
+                                   for row in rows])
+
+
 def capacity(runs: list[dict]) -> list[str]:
     """Per rank: the longest ℓ recalled exactly by every seed, the shortest not, and two bit counts.
 
@@ -344,8 +351,9 @@ def capacity(runs: list[dict]) -> list[str]:
             "most bits per parameter by Morris et al.'s measure ℓ·(ln V − L_final)/ln 2 over the rank's runs, "
             "which credits partly learned answers too. Where the two lengths are far apart, "
             "`python docs/capacity.py --rank R` narrows them. Published, for whole models trained to "
-            "convergence: ≈ 2 bits per parameter (Allen-Zhu and Li) and 3.6 (Morris et al.).", "",
-            table(CAPACITY_HEADER, rows), ""]
+            "convergence: ≈ 2 bits per parameter (Allen-Zhu and Li) and 3.6 (Morris et al.). Where no longer ℓ "
+            "was lost, the rank may hold more, so its bits are a lower bound (≥).", "",
+            capacity_table(rows), ""]
 
 
 def phase_states(runs: list[dict]) -> list[list[tuple]]:
@@ -731,7 +739,7 @@ def gpu_grid(folder: Path) -> list[str]:
             table(["ℓ"] + [f"r={r}" for r in ranks], cells(runs, tuple(ranks), tuple(lengths), "token_acc")), "",
             "Per rank, the longest ℓ held, the shortest lost, and the bits per parameter as in the CPU study's "
             "capacity table:", "",
-            table(CAPACITY_HEADER, capacity_rows(runs)), "",
+            capacity_table(capacity_rows(runs)), "",
             "The law over the grid at step 50 (saturated points dropped) and at the end:", "",
             table(LAW_HEADER, law_rows(fits)), ""]
 

@@ -83,3 +83,12 @@ def test_report_counts_a_length_only_when_every_seed_has_decided_it():
     # Morris: the most ℓ·(ln V − L_final)/ln 2 over the runs is ℓ = 50 at L_final 0.1 (25 at 0.1 is half)
     morris = max(50 * (ln_v - 0.1), 100 * (ln_v - 9.0)) / math.log(2) / 2304
     assert row == [2, 2304, 2, 25, 100, 25 * math.log2(49152) / 2304, morris]
+
+
+def test_capacity_table_marks_the_bits_of_an_unbracketed_rank_as_a_lower_bound():
+    """A rank that held every length it was given may hold more: its bits read "≥", a bracketed rank's do not."""
+    convergence = load_docs("convergence")
+    rows = [[4, 4608, 2, 141, 168, 0.4769, 0.6431], [16, 18432, 2, 200, None, 0.1691, 0.1686]]
+    lines = convergence.capacity_table(rows).splitlines()
+    assert lines[2] == "| 4 | 4608 | 2 | 141 | 168 | 0.4769 | 0.6431 |"
+    assert lines[3] == "| 16 | 18432 | 2 | 200 | – | ≥ 0.1691 | ≥ 0.1686 |"
