@@ -364,15 +364,15 @@ def capacity_points(runs: Iterable[Run]) -> list[tuple[int, int, int | None]]:
     (a capacity probe under way), is neither. Ranks with nothing held are left out."""
     by_rank = {}
     for run in runs:
-        by_rank.setdefault(run["rank"], {}).setdefault(run["answer_tokens"], []).append((run.get("seed"), memorised(run)))
+        by_rank.setdefault(run["rank"], {}).setdefault(run["answer_tokens"], []).append(run)
     points = []
     for rank, lengths in sorted(by_rank.items()):
-        seeds = {seed for at in lengths.values() for seed, _ in at}
-        ok = {n: [m for _, m in at] for n, at in lengths.items()}
-        held = max((n for n, at in lengths.items() if {s for s, _ in at} == seeds and all(ok[n])), default=None)
+        seeds = {r.get("seed") for at in lengths.values() for r in at}
+        held = max((n for n, at in lengths.items() if {r.get("seed") for r in at} == seeds
+                    and all(map(memorised, at))), default=None)
         if held is None:
             continue
-        lost = min((n for n in lengths if n > held and not all(ok[n])), default=None)
+        lost = min((n for n, at in lengths.items() if n > held and not all(map(memorised, at))), default=None)
         points.append((rank, held, lost))
     return points
 
