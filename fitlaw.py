@@ -18,8 +18,8 @@ length) are replicates (seeds): the law is fitted to the mean ΔL of each such p
 spread gives a lack-of-fit F test. The fit starts from log-space linear fits and is refined by nonlinear
 least squares. A group fails, with one line naming the reason, when the points cannot determine the
 four parameters: fewer than 2 ranks or 2 lengths, no more distinct points than parameters, or a
-near-singular Jacobian at the solution. Exit status is 0 only when every file loaded and every group
-fitted. --plot draws each fitted group, titled with its settings and the fitted law, and prints which
+near-singular Jacobian at the solution; the other groups are still fitted. Exit status is 0 when every
+file loaded and at least one group fitted. --plot draws each fitted group, titled with its settings and the fitted law, and prints which
 file holds which group.
 """
 from __future__ import annotations
@@ -27,17 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import OptimizeResult, least_squares
 from scipy.stats import f as f_dist
-from scipy.stats import spearmanr
+
+from planner import print_plans
+from studies import (KEY, SATURATED, Fit, at_step, drop_saturated, group_description, group_runs, load_runs, matches,
+                     parse_where, plot_fit, plot_grid, plot_paths, sample_spearman, spearman)
 
 MIN_POINTS = 5  # the law has 4 parameters; a fit needs more distinct points than that
 # Condition number of the Jacobian at the solution, columns scaled to unit norm (so it does not depend
@@ -46,11 +47,7 @@ MIN_POINTS = 5  # the law has 4 parameters; a fit needs more distinct points tha
 MAX_COND = 1e6
 NAMES = ("C", "alpha", "beta", "b")
 SYMBOLS = dict(C="C", alpha="α", beta="β", b="b")
-SATURATED = 0.95  # --exclude-saturated: ΔL at or above this fraction of loss_init
 
-Run = dict[str, Any]  # one results file as load_runs returns it (train.py's keys and _path)
-Fit = dict[str, Any]  # fit_law's result: C, alpha, beta, b, r2, mape, n, points, cond, objective
-GroupKey = tuple[Any, ...]  # a run's values of KEY (or PLAN_KEY)
 
 
 def law(r: npt.ArrayLike, l: npt.ArrayLike, C: npt.ArrayLike, alpha: npt.ArrayLike, beta: npt.ArrayLike,
@@ -343,454 +340,6 @@ def plan_rank(C: float, alpha: float, beta: float, b: float, length: float, targ
     return float(((target_delta - b) * length ** beta / C) ** (1.0 / alpha))
 
 
-# ----------------------------------------------------------------------------- the recall planner
-
-PLAN_KEY = ("model", "targets", "layers", "task", "noise", "method", "schedule", "budget")
-
-
-class PlanError(ValueError):
-    """The planner cannot answer from these runs; the message says why and what would let it."""
-
-
-def memorised(run: Run) -> bool:
-    """Every answer recalled: the decoder's exact match is 1 and no answer token is at p ≤ 0.5."""
-    return run.get("exact_match") == 1 and not run.get("stubborn")
-
-
-def capacity_points(runs: Iterable[Run]) -> list[tuple[int, int, int | None]]:
-    """(rank, held, lost) per rank: `held` is the longest answer (in tokens) that every run of that length
-    memorised, with every training seed of that rank run at it, `lost` the shortest longer one that some run
-    did not (None when none was tried or all held). A length that only some seeds have run, all memorised
-    (a capacity probe under way), is neither. Ranks with nothing held are left out."""
-    by_rank = {}
-    for run in runs:
-        by_rank.setdefault(run["rank"], {}).setdefault(run["answer_tokens"], []).append(run)
-    points = []
-    for rank, lengths in sorted(by_rank.items()):
-        seeds = {r.get("seed") for at in lengths.values() for r in at}
-        held = max((n for n, at in lengths.items() if {r.get("seed") for r in at} == seeds
-                    and all(map(memorised, at))), default=None)
-        if held is None:
-            continue
-        lost = min((n for n, at in lengths.items() if n > held and not all(map(memorised, at))), default=None)
-        points.append((rank, held, lost))
-    return points
-
-
-def fit_capacity(points: Sequence[tuple[int, int, int | None]]) -> tuple[float, float]:
-    """(K, γ) of held = K · r^γ, least squares in log-log over the (rank, held) points."""
-    r = np.log([p[0] for p in points])
-    n = np.log([p[1] for p in points])
-    gamma, log_k = np.polyfit(r, n, 1)
-    return float(np.exp(log_k)), float(gamma)
-
-
-def plan_group(runs: Sequence[Run], tokens: int, width: int | None = None) -> dict[str, Any]:
-    """The smallest rank whose fitted capacity K·r^γ holds `tokens` answer tokens, from one group of runs.
-
-    The fit uses the ranks whose capacity is bracketed: some length held by every run, and a longer one
-    that some run lost. A rank where every length was held says only "at least", so it bounds the
-    measured range but does not enter the fit. Raises PlanError, naming the reason, when fewer than two
-    ranks are bracketed, when capacity does not grow with rank, when `tokens` is longer than any answer
-    memorised here, or when the rank would lie beyond the measured ranks or above `width`. The plan is never
-    a rank at or below one that some run showed losing `tokens` or fewer tokens."""
-    if tokens <= 0:
-        raise PlanError(f"--tokens {tokens}: give the number of answer tokens to store, a positive integer")
-    points = capacity_points(runs)
-    bracketed = [p for p in points if p[2] is not None]
-    if len({p[0] for p in bracketed}) < 2:
-        raise PlanError(f"capacity is bracketed (a length held and a longer one lost) at {len(bracketed)} rank(s) "
-                        f"of {len({r['rank'] for r in runs})}; the fit needs 2 or more: run longer answers at more "
-                        f"ranks (docs/capacity.py bisects them)")
-    K, gamma = fit_capacity(bracketed)
-    if gamma <= 1e-6:  # equal held lengths at two ranks fit γ = 0 up to rounding
-        raise PlanError(f"the fitted capacity does not grow with rank (γ = {gamma:.3g}); the runs cannot plan a rank")
-    longest = max(p[1] for p in points)
-    if tokens > longest:
-        raise PlanError(f"{tokens} answer tokens is more than the longest answer memorised in these runs "
-                        f"({longest}); the planner does not extrapolate beyond the measured lengths")
-    ranks = sorted({r["rank"] for r in runs})
-    exact = (tokens / K) ** (1.0 / gamma)
-    rank = max(ranks[0], math.ceil(round(exact, 9)))
-    failed = [r["rank"] for r in runs if r["answer_tokens"] <= tokens and not memorised(r)]
-    if failed and rank <= max(failed):  # a rank measured to lose this many tokens cannot be the plan
-        rank = max(failed) + 1
-        if rank > ranks[-1]:
-            raise PlanError(f"rank {rank - 1}, the largest measured, lost {tokens} answer tokens or fewer in some "
-                            "run; the planner does not extrapolate beyond the measured ranks")
-    if rank > ranks[-1]:
-        raise PlanError(f"the fit gives rank {rank} for {tokens} tokens, above the largest rank measured "
-                        f"({ranks[-1]}); the planner does not extrapolate beyond the measured ranks")
-    if width is not None and rank > width:
-        raise PlanError(f"the fit gives rank {rank} for {tokens} tokens, above the adapted modules' width {width}")
-    seen = [p[0] for p in points if p[1] >= tokens]  # direct evidence: ranks measured to hold this many
-    return dict(rank=rank, exact=exact, K=K, gamma=gamma, tokens=tokens,
-                fit=f"held tokens = {K:.3g}·r^{gamma:.3g} over ranks {', '.join(str(p[0]) for p in bracketed)}",
-                points=[list(p) for p in points], measured_rank=min(seen) if seen else None,
-                runs=sorted(r["_path"] for r in runs))
-
-
-def plan_groups(runs: Iterable[Run]) -> dict[GroupKey, list[Run]]:
-    """SFT runs with the fields a plan needs, grouped by PLAN_KEY (one adapter configuration, task and budget)."""
-    groups = {}
-    for run in runs:
-        if run.get("method") != "sft" or not isinstance(run.get("answer_tokens"), int) or "exact_match" not in run:
-            continue
-        key = tuple(tuple(v) if isinstance(v := run.get(k), list) else v for k in PLAN_KEY)
-        groups.setdefault(key, []).append(run)
-    return groups
-
-
-def spans(values: Iterable[Any]) -> str:
-    """A list as text, runs of consecutive integers shortened: [0, 1, 2, 3, 7] -> "0-3,7"; names joined."""
-    values = list(values)
-    if not all(isinstance(v, int) for v in values):
-        return ",".join(map(str, values))
-    out, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(f"{values[i]}-{values[j]}" if j > i else str(values[i]))
-        i = j + 1
-    return ",".join(out)
-
-
-def group_label(key: GroupKey) -> str:
-    """A PLAN_KEY group as text: key=value joined by ", ", lists shortened by spans."""
-    return ", ".join(f"{k}={spans(v) if isinstance(v, tuple) else v}" for k, v in zip(PLAN_KEY, key))
-
-
-def plan_recall(paths: Sequence[str], tokens: int, width: int | None = None, model: str | None = None,
-                targets: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> dict[str, Any]:
-    """The smallest rank at which `tokens` answer tokens are predicted to be recalled exactly, from the
-    results files in `paths` (files that are not runs are skipped).
-
-    Only SFT runs of the same model, adapted modules and layers count (those given; all when None). They
-    are grouped by task, noise, schedule and budget, since capacity within a fixed budget depends on them;
-    among the groups that can plan, the one with the largest budget (the nearest to convergence) answers,
-    and of those the largest rank. Returns dict(rank, exact, K, gamma, fit, points, measured_rank, runs,
-    group). Raises PlanError with the reason when no group can plan."""
-    runs, _, _ = load_runs(paths)
-    return best_plan(runs, tokens, width, model, targets, layers, files=len(paths))
-
-
-def best_plan(runs: Sequence[Run], tokens: int, width: int | None = None, model: str | None = None,
-              targets: Sequence[str] | None = None, layers: Sequence[int] | None = None,
-              files: int | None = None) -> dict[str, Any]:
-    """plan_recall over runs already loaded (load_runs); `files` counts them in the message when none fits."""
-    files = len(runs) if files is None else files
-    want = dict(model=model, targets=None if targets is None else list(targets),
-                layers=None if layers is None else list(layers))
-    runs = [r for r in runs if all(v is None or r.get(k) == v for k, v in want.items())]
-    groups = plan_groups(runs)
-    if not groups:
-        named = ", ".join(f"{k} {spans(v) if isinstance(v, list) else v}" for k, v in want.items() if v is not None)
-        raise PlanError(f"no finished SFT runs{' with ' + named if named else ''} among "
-                        f"{files} files; the planner has nothing to fit")
-    plans, reasons = [], []
-    for key, members in groups.items():
-        try:
-            plans.append(plan_group(members, tokens, width) | dict(group=group_label(key), budget=key[-1]))
-        except PlanError as e:
-            reasons.append((len(members), f"{group_label(key)}: {e}"))
-    if not plans:
-        raise PlanError(max(reasons)[1])  # the largest group's reason
-    steps = lambda b: b if isinstance(b, (int, float)) else 0  # noqa: E731  a budget in epochs ranks last
-    return max(plans, key=lambda p: (steps(p["budget"]), p["rank"]))
-
-
-def print_plans(paths: Sequence[str], tokens: int, width: int | None = None,
-                where: Sequence[tuple[str, Any]] = ()) -> int:
-    """fitlaw.py --plan-recall: each group's capacity points and plan (or why not), then, per adapter
-    configuration, the rank train.py --rank auto would start from. Exit status 0 when one plans."""
-    runs, errors, others = load_runs(paths)
-    errors += others
-    runs = [r for r in runs if matches(r, where)]
-    groups = plan_groups(runs)
-    print(f"recall plan for {tokens} answer tokens: {len(runs)} runs read ({len(errors)} other files skipped), "
-          f"{len(groups)} group(s) of SFT runs")
-    for key, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        print(f"\n{group_label(key)}: {len(members)} runs")
-        for r, held, lost in capacity_points(members):
-            print(f"  rank {r:>3}: every run held {held} tokens; " + (f"some lost {lost}" if lost else "none longer lost"))
-        try:
-            p = plan_group(members, tokens, width)
-        except PlanError as e:
-            print(f"  cannot plan: {e}")
-            continue
-        seen = f"; runs held {tokens}+ tokens from rank {p['measured_rank']}" if p["measured_rank"] else ""
-        print(f"  {p['fit']}: rank {p['rank']} (r = {p['exact']:.3g}){seen}")
-    planned = 0
-    for model, targets, layers in sorted({(k[0], k[1], k[2]) for k in groups}, key=str):
-        try:
-            best = best_plan(runs, tokens, width, model, targets, layers)
-        except PlanError:
-            continue
-        planned += 1
-        print(f"\n{model}, targets {spans(targets)}, layers {spans(layers)}: planned rank "
-              f"{best['rank']} (from the group with the largest budget that plans: {best['group']})")
-    if not planned:
-        print("fitlaw: no group can plan; the reasons are above", file=sys.stderr)
-    return 0 if planned else 1
-
-
-def spearman(earliest_stubborn: Sequence[int | None], first_failure: Sequence[int | None]) -> tuple[float, int]:
-    """Spearman ρ between paired positions, skipping pairs with a None; returns (rho, n)."""
-    pairs = [(e, f) for e, f in zip(earliest_stubborn, first_failure) if e is not None and f is not None]
-    if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
-        return float("nan"), len(pairs)  # undefined for fewer than 3 pairs or a constant side
-    rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
-    return float(rho), len(pairs)
-
-
-def sample_spearman(runs: Iterable[Run]) -> dict[str, Any]:
-    """Spearman ρ(earliest stubborn, first failure) over the per-sample entries of runs, with and without (0, 0).
-
-    Samples whose first answer token is already wrong give (0, 0); many of them make ρ look better
-    than the ordering of the other samples supports, so ρ is also given with them removed.
-    """
-    pairs = [(s["earliest_stubborn"], s.get("first_failure")) for run in runs for s in run.get("per_sample") or []
-             if isinstance(s, dict) and s.get("earliest_stubborn") is not None]
-    nan = lambda v: None if math.isnan(v) else v  # noqa: E731
-    rho, n = spearman(*zip(*pairs)) if pairs else (float("nan"), 0)
-    rest = [p for p in pairs if p != (0, 0)]
-    rho0, n0 = spearman(*zip(*rest)) if rest else (float("nan"), 0)
-    return dict(sample_spearman_rho=nan(rho), sample_spearman_n=n, sample_spearman_rho_no00=nan(rho0),
-                sample_spearman_n_no00=n0)
-
-
-def load_runs(paths: Iterable[str], x: str = "rank") -> tuple[list[Run], list[str], list[str]]:
-    """Read results files; return (runs, errors, others): errors are one line per bad results file, others
-    the JSON objects that are not results files at all (no task, method or delta_loss: e.g. a study's
-    sampling.json beside its runs), which a glob over a results folder picks up and which are skipped.
-
-    Fills the documented defaults of older files: schedule "linear", data_seed = seed, budget = steps.
-    A run planned in epochs (train.py --epochs, e.g. one PhoneBook study over books of several sizes) has
-    the budget "N epochs", so that its lengths, whose steps differ, form one study.
-    """
-    runs, errors, others = [], [], []
-    for path in paths:
-        try:
-            with open(path) as f:
-                run = json.load(f)
-        except OSError as e:
-            errors.append(f"{path}: cannot read ({e.strerror}); check the path")
-            continue
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            errors.append(f"{path}: not valid JSON ({e}); pass results files written by train.py")
-            continue
-        if not isinstance(run, dict):
-            errors.append(f"{path}: not a JSON object; expected one run per file")
-            continue
-        if not any(k in run for k in ("task", "method", "delta_loss")):
-            others.append(path)
-            continue
-        missing = [k for k in ("model", "task", "method", x, "length", "delta_loss") if run.get(k) is None]
-        if missing:
-            errors.append(f"{path}: missing key '{missing[0]}'; results files need model, task, method, "
-                          f"{x}, length, delta_loss")
-            continue
-        bad = [k for k in (x, "length", "delta_loss") if not isinstance(run[k], (int, float))]
-        if bad:
-            errors.append(f"{path}: key '{bad[0]}' is not a number")
-            continue
-        if run.get("schedule") is None:
-            run["schedule"] = "linear"
-        if "data_seed" not in run:
-            run["data_seed"] = run.get("seed")
-        if run.get("budget") is None:  # older files: the planned steps were the steps run
-            run["budget"] = run.get("steps")
-        planned = run.get("settings") or {}
-        if planned.get("epochs") is not None and planned.get("steps") is None:
-            run["budget"] = f"{planned['epochs']} epochs"  # its steps grow with the data: the study is its epochs
-        runs.append(dict(run, _path=path))
-    return runs, errors, others
-
-
-SNAPSHOT_KEYS = ("delta_loss", "loss_final", "token_acc", "exact_match", "stubborn", "earliest_stubborn",
-                 "first_failure", "per_sample")
-
-
-def at_step(runs: Iterable[Run], step: int) -> tuple[list[Run], int]:
-    """Each run as it stood at its snapshot `step` (train.py --snapshots): its measurements then, and
-    budget = step. A run that stopped memorised (--stop-when-memorized) before `step` has no snapshot
-    there; it enters with its final measurements, since a memorised run only creeps on (ΔL by < 0.1%).
-    Returns (runs, how many had neither)."""
-    out, missing = [], 0
-    for run in runs:
-        snap = next((s for s in run.get("snapshots") or [] if s.get("step") == step), None)
-        if snap is not None:
-            out.append(dict(run, **{k: snap[k] for k in SNAPSHOT_KEYS if k in snap}, budget=step, steps=step))
-        elif run.get("stop_reason") == "memorized" and (run.get("stopped_at") or step) < step:
-            out.append(dict(run, budget=step))
-        else:
-            missing += 1
-    return out, missing
-
-
-def parse_where(items: Iterable[str]) -> list[tuple[str, Any]]:
-    """["key=value", ...] -> [(key, value)], the value JSON-parsed when it parses (else the string)."""
-    out = []
-    for item in items:
-        key, eq, text = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"--where {item!r}: write key=value, e.g. --where seed=0")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        out.append((key, value))
-    return out
-
-
-def matches(run: Run, where: Iterable[tuple[str, Any]]) -> bool:
-    """True when the run has every key with an equal value (1 matches 1.0; true does not match 1)."""
-    return all(k in run and isinstance(run[k], bool) == isinstance(v, bool) and run[k] == v for k, v in where)
-
-
-def saturated(run: Run) -> bool:
-    """Memorised (exact_match == 1) or saturated (ΔL ≥ 0.95·loss_init): ΔL no longer measures capacity."""
-    li = run.get("loss_init")
-    return run.get("exact_match") == 1 or (isinstance(li, (int, float)) and run["delta_loss"] >= SATURATED * li)
-
-
-KEY = ("model", "task", "method", "noise", "preset", "budget", "schedule")
-
-
-def group_runs(runs: Iterable[Run], combine_noise: bool = False) -> dict[GroupKey, list[Run]]:
-    """Group runs by KEY (the study); noise becomes "combined" when merged."""
-    groups = {}
-    for run in runs:
-        key = tuple("combined" if k == "noise" and combine_noise else run.get(k) for k in KEY)
-        groups.setdefault(key, []).append(run)
-    return dict(sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])))
-
-
-def drop_saturated(members: Sequence[Run], x: str) -> tuple[list[Run], int, int]:
-    """Drop every point (all its replicates) where some run is saturated; return (kept, points, runs dropped)."""
-    bad = {(m[x], m["length"]) for m in members if saturated(m)}
-    kept = [m for m in members if (m[x], m["length"]) not in bad]
-    return kept, len(bad), len(members) - len(kept)
-
-
-def group_description(key: GroupKey) -> str:
-    """A KEY group as KEY=value pairs, leaving out the settings a run did not have (None or empty)."""
-    return " ".join(f"{k}={v}" for k, v in zip(KEY, key) if v not in (None, "", [], ()))
-
-
-def _slug_part(k: str, v: Any) -> str:
-    """One setting in a file name: the value, with noise and budget marked (noise1.0, 2000steps)."""
-    if k == "noise":
-        return f"noise{v}"
-    if k == "budget":
-        return f"{v}steps" if isinstance(v, (int, float)) else str(v).replace(" ", "")  # 2000steps, 200epochs
-    return str(v).rstrip("/").rsplit("/", 1)[-1] if k == "model" else str(v)  # a model path: its last part
-
-
-def group_slugs(keys: Sequence[GroupKey]) -> list[str]:
-    """A short, filesystem-safe, unique name per group from the settings that differ between the groups:
-    longctx-sft-noise1.0-constant-2000steps. Settings a group lacks are left out; a clash gets -2, -3, ..."""
-    differ = [i for i in range(len(KEY)) if len({key[i] for key in keys}) > 1]
-    slugs: list[str] = []
-    for key in keys:
-        parts = [_slug_part(KEY[i], key[i]) for i in differ if key[i] not in (None, "", [], ())]
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)).strip("._-") or "group"
-        name, n = slug, 2
-        while name in slugs:
-            name, n = f"{slug}-{n}", n + 1
-        slugs.append(name)
-    return slugs
-
-
-def plot_paths(plot: str, keys: Sequence[GroupKey]) -> list[str]:
-    """--plot's file per group: the path itself for one group, else <stem>_<group slug><ext>."""
-    if len(keys) == 1:
-        return [plot]
-    stem, ext = os.path.splitext(plot)
-    return [f"{stem}_{slug}{ext}" for slug in group_slugs(keys)]
-
-
-X_SYMBOL = dict(rank="r", params="P")  # the law's variable for --x
-X_LABEL = dict(rank="LoRA rank r", params="trainable parameters P")
-
-
-def law_label(fit: Fit, x: str = "rank") -> str:
-    """The fitted law as text: ΔL = 53.2·r^0.335·ℓ^−0.703 + 0.67 (R² 0.992), each number to 3 figures."""
-    def num(v: float) -> str:
-        return f"{v + 0.0:.3g}".replace("-", "−")  # + 0.0 turns −0 into 0
-
-    sign = "−" if fit["b"] < 0 else "+"
-    return (f"ΔL = {num(fit['C'])}·{X_SYMBOL[x]}^{num(fit['alpha'])}·ℓ^{num(-fit['beta'])} {sign} "
-            f"{num(abs(fit['b']))} (R² {fit['r2']:.3f})")
-
-
-def plot_fit(runs: Sequence[Run], fit: Fit, x: str, path: str, title: str) -> None:
-    """Left: ΔL vs x on log-log axes per ℓ with the fitted law's curves. Right: predicted vs true."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    r = np.array([run[x] for run in runs], float)
-    l = np.array([run["length"] for run in runs], float)
-    dl = np.array([run["delta_loss"] for run in runs], float)
-    p = (fit["C"], fit["alpha"], fit["beta"], fit["b"])
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4.4))
-    fig.suptitle(title, fontsize=10)
-    grid = np.geomspace(r.min(), r.max(), 100)
-    for i, length in enumerate(np.unique(l)):
-        m = l == length
-        ax0.scatter(r[m], dl[m], color=f"C{i % 10}", label=f"ℓ={length:g}")
-        ax0.plot(grid, law(grid, length, *p), color=f"C{i % 10}")
-    ax0.set(xscale="log", yscale="log", xlabel=X_LABEL[x], ylabel="ΔL")
-    ax0.set_title(law_label(fit, x), fontsize=9)
-    ax0.legend(fontsize=7)
-    pred = law(r, l, *p)
-    lo, hi = min(pred.min(), dl.min()), max(pred.max(), dl.max())
-    ax1.scatter(dl, pred)
-    ax1.plot([lo, hi], [lo, hi], "k--", label="y = x")
-    ax1.set(xlabel="true ΔL", ylabel="predicted ΔL", title=f"R² = {fit['r2']:.3f}, MAPE = {fit['mape']:.1f}%")
-    ax1.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_grid(runs: Sequence[Run], path: str, max_runs: int = 4) -> None:
-    """One strip per run: teacher-forced target probability per answer position (like Figure 5)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = [run for run in runs if any(s.get("probs") for s in run.get("per_sample") or [])][:max_runs]
-    if not runs:
-        raise ValueError("no run has per_sample[*].probs; write results with per-sample probabilities")
-    fig, axes = plt.subplots(len(runs), 1, figsize=(12, 2.2 * len(runs)), squeeze=False)
-    for ax, run in zip(axes[:, 0], runs):
-        probs, stubborn, failures, start = [], [], [], 0
-        for s in run["per_sample"]:
-            p = s.get("probs") or []
-            # positions are within the sample; shift them onto the concatenated strip
-            stubborn += [start + i for i, q in enumerate(p) if q <= 0.5]
-            if s.get("first_failure") is not None and s["first_failure"] < len(p):
-                failures.append(start + s["first_failure"])
-            probs += p
-            start += len(p)
-        pos = np.arange(len(probs))
-        probs = np.array(probs)
-        ax.plot(pos, probs, lw=0.8, color="C0", label="p(target)")
-        ax.axhline(0.5, color="k", ls=":", lw=0.8, label="p = 0.5")
-        ax.scatter(stubborn, probs[stubborn], color="C3", s=10, zorder=3, label="stubborn (p ≤ 0.5)")
-        for j, f in enumerate(failures):
-            ax.axvline(f, color="C1", ls="--", lw=1, label="first failure" if j == 0 else None)
-        name = run.get("name") or (f"{run['model']} {run['task']} {run['method']} "
-                                   f"r={run.get('rank')} ℓ={run['length']}")
-        ax.set(ylim=(-0.02, 1.02), xlim=(0, max(1, len(probs) - 1)), ylabel="p", title=name)
-        ax.legend(fontsize=7, loc="lower left", ncol=4)
-    axes[-1, 0].set_xlabel("answer position")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     """Fixed-width text table."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
@@ -898,8 +447,7 @@ def main(paths: Sequence[str], x: str = "rank", as_json: bool = False, holdout: 
             err(f"group ({group_description(key)}): {e}")
             obj["error"] = str(e)
             out.append(obj)
-            ok = False
-            continue
+            continue  # the other groups are still fitted and printed
         obj.update(fit)
         obj.update(lack_of_fit(r, l, dl, fit))
         obj.update(bootstrap(r, l, dl, fit, n_boot, seed))
@@ -910,7 +458,7 @@ def main(paths: Sequence[str], x: str = "rank", as_json: bool = False, holdout: 
         if plot:
             try:
                 described = group_description(key)
-                plot_fit(members, fit, x, targets[key], described)
+                plot_fit(members, fit, x, targets[key], described, law)
                 plotted.append((targets[key], described))
                 obj["plot"] = targets[key]
             except OSError as e:
@@ -928,6 +476,9 @@ def main(paths: Sequence[str], x: str = "rank", as_json: bool = False, holdout: 
             ok = False
     if not runs and not errors and not conditions:
         err("no runs loaded")
+        ok = False
+    if groups and all("error" in o for o in out):
+        err(f"none of the {len(groups)} groups could be fitted (reasons above)")
         ok = False
     plot_lines = [f"plot: {path}  {what}" for path, what in plotted]
     if as_json:

@@ -7,7 +7,7 @@
 For each size the bench writes a facts file of n made-up employee IDs ("Employee ID of Ada Smith" ->
 "KQ-4821-TX", fixed seed) into a temporary folder, then times two fresh processes from launch to exit:
   ours   python train.py --data FILE --until-recalled --rank auto --lr LR --steps S --eval-every K
-         as a user types it: the rank is planned (fitlaw.plan_recall) or, when the planner cannot plan,
+         as a user types it: the rank is planned (planner.plan_recall) or, when the planner cannot plan,
          starts at 4 and doubles while an attempt's budget of S steps runs out; training stops once every
          answer token has p > 0.5 (checked with one teacher-forced pass every K steps, or at once when the
          last training pass saw every fact right), the decoder confirms, and the certificate (per-fact p and

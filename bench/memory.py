@@ -12,7 +12,7 @@ baseline. One JSON line per variant, then the ratios ours / PEFT (below 1 means 
   ours_full      model.head(h) on every position, then memft.token_loss: the textbook way
   peft           transformers + PEFT, the standard labels-based loss
   peft_fixed_mmap  the same with glibc's mmap threshold fixed, as train.py sets it for itself
-Our variants run as train.py does, with train.return_freed_memory() (freed buffers go back to the
+Our variants run as train.py does, with runs.return_freed_memory() (freed buffers go back to the
 OS at once); peft_fixed_mmap gives the peer the same setting, so the code's own saving shows apart
 from the allocator's.
 """
@@ -55,7 +55,7 @@ def child(variant: str, answer_tokens: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from train_step import make_example
 
-    from train import return_freed_memory
+    from runs import return_freed_memory
 
     if variant != "peft":
         return_freed_memory()

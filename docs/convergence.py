@@ -19,7 +19,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from fitlaw import at_step, bootstrap, fit_law, lack_of_fit, plot_grid, saturated  # noqa: E402
+from fitlaw import bootstrap, fit_law, lack_of_fit  # noqa: E402
+from studies import at_step, plot_grid, saturated  # noqa: E402
 
 VOCAB = 49152  # the built-in model's vocabulary
 BUDGET_RANKS, BUDGET_LENGTH = (1, 4, 16), 100
@@ -131,7 +132,7 @@ def budget_curve(runs: list[dict], figures: Path) -> list[str]:
 
 
 def law_at(runs: list[dict], step: int | None, drop_saturated: bool = False) -> dict:
-    """The law fitted to the grid as it stood at step T (fitlaw.at_step; None: as the runs ended), with
+    """The law fitted to the grid as it stood at step T (studies.at_step; None: as the runs ended), with
     bootstrap intervals and the lack-of-fit test; 'error' says why when the points cannot determine it."""
     at, missing = at_step(runs, step) if step is not None else (runs, 0)
     if drop_saturated:

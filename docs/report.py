@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 import convergence  # noqa: E402  (docs/convergence.py: the convergence study's block)
 from convergence import table  # noqa: E402  (one markdown table format for both)
 
-from fitlaw import fit_law, law, mape, plot_grid, r_squared, replicate_means, spearman  # noqa: E402
+from fitlaw import fit_law, law, mape, r_squared, replicate_means  # noqa: E402
+from studies import plot_grid, spearman  # noqa: E402
 
 DOC = ROOT / "docs" / "REPRODUCTION.md"
 LAW_RANKS, LAW_LENGTHS = (1, 2, 4, 8, 16, 32), (50, 100, 200, 400, 800)  # study 1: the full grid, rho = 1

@@ -16,8 +16,11 @@ from test_facts import STAFF, refusal, write_jsonl
 
 import convert
 import eval as ev
+import facts
+import settings
 import train
-from data import PROSE, facts, load_tokenizer
+from data import PROSE, load_tokenizer, read_facts
+from data import facts as facts_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +55,7 @@ def test_bad_options_are_one_line_before_loading(case, tiny_chat, tmp_path, monk
 
 def test_rank_must_be_a_number_or_auto(capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse(["--rank", "big"])
+        settings.parse(["--rank", "big"], train.__doc__)
     assert e.value.code == 2 and "expected an integer or auto, got 'big'" in capsys.readouterr().err
 
 
@@ -65,28 +68,28 @@ def test_width_is_the_narrowest_side_of_the_adapted_modules(tiny_chat):
     shape = {t: getattr(layer.self_attn if t in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, t).weight.shape
              for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     for targets in (("q_proj", "v_proj"), ("q_proj", "o_proj"), ("gate_proj", "down_proj")):
-        assert train.module_width(str(tiny_chat), targets) == min(min(shape[t]) for t in targets)
-    assert train.module_width(str(tiny_chat), ("mlp",)) == layer.mlp.down_proj.weight.shape[0]  # the hidden width
+        assert facts.module_width(str(tiny_chat), targets) == min(min(shape[t]) for t in targets)
+    assert facts.module_width(str(tiny_chat), ("mlp",)) == layer.mlp.down_proj.weight.shape[0]  # the hidden width
 
 
 def test_rank_ladder_doubles_up_to_the_cap():
-    assert train.rank_ladder(1, 8) == [1, 2, 4, 8]
-    assert train.rank_ladder(3, 64) == [3, 6, 12, 24, 48, 64]  # the last step lands on the cap
-    assert train.rank_ladder(100, 32) == [32] and train.rank_ladder(32, 32) == [32]
+    assert facts.rank_ladder(1, 8) == [1, 2, 4, 8]
+    assert facts.rank_ladder(3, 64) == [3, 6, 12, 24, 48, 64]  # the last step lands on the cap
+    assert facts.rank_ladder(100, 32) == [32] and facts.rank_ladder(32, 32) == [32]
 
 
 def test_no_plan_starts_from_rank_4(tiny_chat, tmp_path):
     """No results to plan from: the planner refuses, and --rank auto says why."""
     cfg = train.Config(model=str(tiny_chat), rank="auto", until_recalled=True,
                        plan_from=str(tmp_path / "none" / "*.json"))
-    plan = train.planned_rank(cfg, tokens=74, width=192)
-    assert plan["rank"] == train.FIRST_RANK == 4 and plan["planned"] is None and plan["reason"]
-    line = train.plan_line(plan, 74)
+    plan = facts.planned_rank(cfg, tokens=74, width=192)
+    assert plan["rank"] == facts.FIRST_RANK == 4 and plan["planned"] is None and plan["reason"]
+    line = facts.plan_line(plan, 74)
     assert line.startswith("the planner cannot plan (") and line.endswith("starting from rank 4")
 
 
 def planner_at(rank: int):
-    """A stand-in for fitlaw.plan_recall that always plans `rank` (the growth, not the planner, is under test)."""
+    """A stand-in for planner.plan_recall that always plans `rank` (the growth, not the planner, is under test)."""
     return lambda paths, tokens, width, **which: dict(rank=rank, fit="stand-in", group="stand-in", runs=[])
 
 
@@ -98,12 +101,12 @@ def auto_argv(tiny_chat, data, out, *more):
 @pytest.mark.slow
 def test_rank_auto_grows_until_recalled(tiny_chat, tmp_path, monkeypatch, capsys):
     """Rank 1 cannot store three facts in 60 steps; the rank doubles until an attempt recalls them all."""
-    import fitlaw
+    import planner
 
-    monkeypatch.setattr(fitlaw, "plan_recall", planner_at(1), raising=False)
+    monkeypatch.setattr(planner, "plan_recall", planner_at(1), raising=False)
     f = write_jsonl(tmp_path / "three.jsonl", STAFF[:3])
-    cert = train.until_recalled(train.parse(auto_argv(tiny_chat, f, tmp_path / "runs", "--steps", "60",
-                                                      "--max-rank", "8"))[0])
+    cfg = settings.parse(auto_argv(tiny_chat, f, tmp_path / "runs", "--steps", "60", "--max-rank", "8"), train.__doc__)[0]
+    cert = facts.until_recalled(cfg, train.main)
     out = capsys.readouterr().out
     tries = cert["overall"]["attempts"]
     assert [a["rank"] for a in tries] == [1, 2, 4, 8][: len(tries)] and len(tries) >= 2, out
@@ -114,16 +117,16 @@ def test_rank_auto_grows_until_recalled(tiny_chat, tmp_path, monkeypatch, capsys
         assert f"attempt {i}: rank {a['rank']}, {a['steps']} of 60 steps, {a['facts_recalled']}/3 facts recalled" in out
         assert (tmp_path / "runs" / f"{a['name']}.json").is_file() and f"-r{a['rank']}-" in a["name"]
     adapter = tmp_path / "runs" / tries[-1]["name"]
-    assert json.loads((adapter / ev.CERTIFICATE).read_text()) == cert
+    assert json.loads((adapter / facts.CERTIFICATE).read_text()) == cert
 
 
 @pytest.mark.slow
 def test_rank_auto_stops_at_the_width_and_a_rerun_reuses_the_attempts(tiny_chat, tmp_path, monkeypatch, capsys):
     """One step is too little at any rank: the ladder ends at the modules' width (32 here, v_proj's output),
     not at --max-rank, the run fails with one line, and its certificate still records every attempt."""
-    import fitlaw
+    import planner
 
-    monkeypatch.setattr(fitlaw, "plan_recall", planner_at(16), raising=False)
+    monkeypatch.setattr(planner, "plan_recall", planner_at(16), raising=False)
     f = write_jsonl(tmp_path / "three.jsonl", STAFF[:3])
     argv = auto_argv(tiny_chat, f, tmp_path / "runs", "--steps", "1", "--max-rank", "1000", "--name", "mine")
     for run in ("first", "again"):
@@ -134,7 +137,7 @@ def test_rank_auto_stops_at_the_width_and_a_rerun_reuses_the_attempts(tiny_chat,
         assert e.value.code.startswith(want), e.value.code
         assert "ranks to try 16, 32 (cap: --max-rank 1000, width 32)" in out and "doubling the rank to 32" in out
         assert out.count("run already done") == (2 if run == "again" else 0)  # finished attempts are reused
-        cert = json.loads((tmp_path / "runs" / "mine-r32" / ev.CERTIFICATE).read_text())
+        cert = json.loads((tmp_path / "runs" / "mine-r32" / facts.CERTIFICATE).read_text())
         assert [a["rank"] for a in cert["overall"]["attempts"]] == [16, 32]
         assert cert["overall"]["facts_stored"] == 0 and not any(x["exact"] for x in cert["facts"])
 
@@ -146,14 +149,14 @@ def test_batched_certificate_numbers_equal_one_fact_at_a_time(tiny_chat, tmp_pat
 
     f = write_jsonl(tmp_path / "staff.jsonl", STAFF)
     tok = load_tokenizer(str(tiny_chat))
-    ex = facts(tok, f).train
+    ex = facts_task(tok, f).train
     assert len({(len(e.prompt), len(e.answer)) for e in ex}) < len(ex)  # some facts do share a batch
     model = load_model(str(tiny_chat))
     model.eval()
-    got = ev.fact_reports(model, tok, ex, ev.read_facts(f))
+    got = facts.fact_reports(model, tok, ex, read_facts(f))
     for e, g in zip(ex, got):
         reply = ev.generate(model, e.prompt, len(e.answer) + 8, eos_id=tok.eos_id)
-        p, margin = ev.token_margins(model, e)
+        p, margin = facts.token_margins(model, e)
         assert g["reply"] == tok.decode(reply, skip_special_tokens=True) and g["exact"] == (reply == e.answer)
         assert g["min_prob"] == pytest.approx(float(p.min()), abs=1e-5)
         assert g["margin"] == pytest.approx(float(margin.min()), abs=1e-5)
@@ -178,10 +181,10 @@ def staff_run(tmp_path_factory):
     print(f"trained and certified in {time.perf_counter() - t0:.1f}s")
     name = train.Config(data=str(f)).run_name()
     res = json.loads((tmp / "runs" / f"{name}.json").read_text())
-    cert = json.loads((tmp / "runs" / name / ev.CERTIFICATE).read_text())
+    cert = json.loads((tmp / "runs" / name / facts.CERTIFICATE).read_text())
     targets = [str(r["target"]) for r in STAFF]
     return dict(res=res, cert=cert, adapter=tmp / "runs" / name, merged=tmp / "merged", data=f, targets=targets,
-                ex=facts(load_tokenizer("default"), f).train)
+                ex=facts_task(load_tokenizer("default"), f).train)
 
 
 @pytest.mark.slow
@@ -194,7 +197,7 @@ def test_certificate_says_every_fact_is_exact(staff_run):
     o = cert["overall"]
     assert (o["facts_stored"], o["facts"], o["rank"], o["params"]) == (10, 10, 8, res["params"])
     assert o["answer_tokens_stored"] == o["answer_tokens"] == res["length"]  # ℓ: targets' tokens, no end-of-turn
-    assert o[ev.BITS] == pytest.approx(res["length"] * math.log2(49152) / res["params"], abs=1e-6)
+    assert o[facts.BITS] == pytest.approx(res["length"] * math.log2(49152) / res["params"], abs=1e-6)
     assert o["steps"] == res["steps"] and o["attempts"] == [dict(rank=8, name=res["name"], steps=res["steps"],
                                                                  budget=60, facts_recalled=10, facts=10)]
     assert cert["data"]["sha256"] == res["settings"]["data_sha256"] and "margin" in cert["definitions"]

@@ -13,6 +13,8 @@ import torch
 from conftest import hf_model
 
 import eval as ev
+import runs
+import settings
 import train
 from data import SYSTEM, DataError, facts, jsonl_task, load_tokenizer, make_task
 from lora import load_adapter
@@ -127,7 +129,7 @@ def test_run_name_preset_and_length_come_from_the_data(tmp_path):
     assert (s.task, s.preset, s.length) == ("facts", "standard", None)  # standard: PEFT loads it, it merges
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
     assert c.run_name() == f"myfacts-{sha[:6]}-r8-sft-s0"
-    assert train.identity(s, 1)["data_sha256"] == sha
+    assert runs.identity(s, 1)["data_sha256"] == sha
     f.write_text(f.read_text().replace("AX-7731-QK", "AX-7731-QX"))  # other content: another run
     assert c.run_name() != f"myfacts-{sha[:6]}-r8-sft-s0" and c.run_name().startswith("myfacts-")
     assert train.Config(data=str(f), preset="paper").settled().preset == "paper"  # an explicit preset stays
@@ -204,4 +206,4 @@ def test_merge_a_finished_run_later_matches_our_model(tiny_chat, tmp_path, capsy
     assert (got - base).abs().max() > 1e-3  # the adapter really is in the weights
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     train.cli(argv + ["--merge-to", str(merged)])  # a folder we merged into before may be replaced
-    assert json.loads((merged / train.MERGED_MARK).read_text())["adapter"] == str(tmp_path / "runs" / "r")
+    assert json.loads((merged / settings.MERGED_MARK).read_text())["adapter"] == str(tmp_path / "runs" / "r")

@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fitlaw  # noqa: E402
 from fitlaw import law  # noqa: E402
+import studies  # noqa: E402
 
 FITLAW = str(Path(__file__).resolve().parents[1] / "fitlaw.py")
 TRUE = dict(C=5.0, alpha=0.4, beta=0.6, b=0.05)
@@ -111,13 +112,13 @@ def test_plan_rank_inverts_law():
 
 def test_spearman_by_hand_and_against_scipy():
     # ranks differ by d = (0, 1, 1, 0): rho = 1 − 6·2 / (4·15) = 0.8; the None pair must be skipped
-    rho, n = fitlaw.spearman([1, 2, None, 3, 4], [10, 30, 0, 20, 40])
+    rho, n = studies.spearman([1, 2, None, 3, 4], [10, 30, 0, 20, 40])
     assert n == 4 and rho == pytest.approx(0.8)
     rng = np.random.default_rng(1)
     e = rng.integers(0, 50, 40).tolist()
     f = [x + int(d) for x, d in zip(e, rng.integers(-10, 10, 40))]
     e_none = [None if i % 5 == 0 else x for i, x in enumerate(e)]
-    rho, n = fitlaw.spearman(e_none, f)
+    rho, n = studies.spearman(e_none, f)
     keep = [i for i in range(40) if i % 5]
     assert n == 32
     assert rho == pytest.approx(spearmanr([e[i] for i in keep], [f[i] for i in keep]).statistic, abs=1e-12)
@@ -260,7 +261,7 @@ def test_plot_one_group_writes_exactly_the_path(tmp_path, capsys, monkeypatch):
     assert [f.name for f in tmp_path.glob("*.png")] == ["law.png"] and out.read_bytes()[:8] == PNG_MAGIC
     (fig,) = figures
     assert fig.get_suptitle() == "model=m task=pb method=sft budget=10 schedule=linear"
-    assert fig.axes[0].get_title() == fitlaw.law_label(g) and fig.axes[0].get_xlabel() == "LoRA rank r"
+    assert fig.axes[0].get_title() == studies.law_label(g) and fig.axes[0].get_xlabel() == "LoRA rank r"
 
     out.unlink()
     assert fitlaw.main(paths, n_boot=0, plot=str(out)) == 0
@@ -272,31 +273,31 @@ def test_plot_one_group_writes_exactly_the_path(tmp_path, capsys, monkeypatch):
 def test_law_label_shows_the_fitted_parameters():
     # the law recovered exactly from noiseless points, each parameter to 3 figures, ℓ's exponent −β
     fit = fitlaw.fit_law(*grid_points(noise=0.0))
-    assert fitlaw.law_label(fit) == "ΔL = 5·r^0.4·ℓ^−0.6 + 0.05 (R² 1.000)"
+    assert studies.law_label(fit) == "ΔL = 5·r^0.4·ℓ^−0.6 + 0.05 (R² 1.000)"
     fit = fitlaw.fit_law(*grid_points(noise=0.02, seed=4))
-    label = fitlaw.law_label(fit, "params")
+    label = studies.law_label(fit, "params")
     for v in (fit["C"], fit["alpha"], -fit["beta"], abs(fit["b"])):
         assert f"{v:.3g}".replace("-", "−") in label, (v, label)
     assert label.startswith(f"ΔL = {fit['C']:.3g}·P^") and label.endswith(f" (R² {fit['r2']:.3f})")
     # negative C and α, β < 0 (ℓ's exponent positive), b < 0: signs written once, as minus signs
     fit = dict(C=-0.0337, alpha=-1.61, beta=-0.874, b=-2.5, r2=0.9163)
-    assert fitlaw.law_label(fit) == "ΔL = −0.0337·r^−1.61·ℓ^0.874 − 2.5 (R² 0.916)"
-    assert fitlaw.law_label(dict(fit, beta=0.0, b=0.0)) == "ΔL = −0.0337·r^−1.61·ℓ^0 + 0 (R² 0.916)"
+    assert studies.law_label(fit) == "ΔL = −0.0337·r^−1.61·ℓ^0.874 − 2.5 (R² 0.916)"
+    assert studies.law_label(dict(fit, beta=0.0, b=0.0)) == "ΔL = −0.0337·r^−1.61·ℓ^0 + 0 (R² 0.916)"
 
 
 def test_group_slugs_name_what_differs():
     a = ("org/Qwen 3:0.6B", "longctx", "sft", 1.0, "paper", 2000, "constant")
     b = ("default", "longctx", "sft", None, "paper", 100, "constant")
     # model, noise and budget differ; b has no noise, so its name has none
-    assert fitlaw.group_slugs([a, b]) == ["Qwen_3_0.6B-noise1.0-2000steps", "default-100steps"]
+    assert studies.group_slugs([a, b]) == ["Qwen_3_0.6B-noise1.0-2000steps", "default-100steps"]
     # different settings, same text: the names stay unique
     c, d = ("m", "pb", "sft", None, None, 10, "linear"), ("m", "pb", "sft", None, "linear", 10, None)
-    assert fitlaw.group_slugs([c, d]) == ["linear", "linear-2"]
-    assert fitlaw.plot_paths("out/law.png", [a]) == ["out/law.png"]
-    assert fitlaw.plot_paths("out/law.png", [a, b]) == ["out/law_Qwen_3_0.6B-noise1.0-2000steps.png",
+    assert studies.group_slugs([c, d]) == ["linear", "linear-2"]
+    assert studies.plot_paths("out/law.png", [a]) == ["out/law.png"]
+    assert studies.plot_paths("out/law.png", [a, b]) == ["out/law_Qwen_3_0.6B-noise1.0-2000steps.png",
                                                         "out/law_default-100steps.png"]
-    assert fitlaw.plot_paths("run.v2/law", [c, d]) == ["run.v2/law_linear", "run.v2/law_linear-2"]
-    assert fitlaw.group_description(b) == "model=default task=longctx method=sft preset=paper budget=100 " \
+    assert studies.plot_paths("run.v2/law", [c, d]) == ["run.v2/law_linear", "run.v2/law_linear-2"]
+    assert studies.group_description(b) == "model=default task=longctx method=sft preset=paper budget=100 " \
                                           "schedule=constant"
 
 
@@ -340,13 +341,19 @@ def test_singular_jacobian_raises():
     assert abs(fit["alpha"]) < 1e-8 and fit["beta"] == pytest.approx(0.5)
 
 
-def test_cli_undetermined_group_fails(tmp_path):
+def test_cli_undetermined_group_is_one_line_and_the_others_are_fitted(tmp_path):
+    """A group that cannot be fitted gets one line and the rest are fitted (exit 0); exit 1 only when none fits."""
     good = write_runs(tmp_path, *grid_points())
     flat = write_runs(tmp_path, *replicated(true_law, k=1, ranks=[4]), method="memft_sw", start=100)
     p = cli(*good, *flat, "--json", "--bootstrap", 0)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 0 and "Traceback" not in p.stderr
     (line,) = p.stderr.strip().splitlines()
     assert "method=memft_sw" in line and "all points have rank 4: α cannot be determined; vary the rank" in line
+    groups = json.loads(p.stdout)
+    assert [("error" in g) for g in groups] == [False, True] and groups[0]["alpha"] == pytest.approx(TRUE["alpha"], abs=0.05)
+    p = cli(*flat, "--bootstrap", 0)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "fitlaw: none of the 1 groups could be fitted (reasons above)"
     groups = {g["method"]: g for g in json.loads(p.stdout)}
     assert "error" in groups["memft_sw"] and "alpha" not in groups["memft_sw"] and groups["sft"]["r2"] > 0.99
 
@@ -440,7 +447,7 @@ def test_sample_spearman_by_hand():
             dict(per_sample=None)]
     # all 6 pairs: tied ranks (2, 2, 2, 4, 5, 6) and (2, 2, 2, 5, 4, 6), Pearson on them = 14.5 / 15.5
     # without (0, 0): (1, 2), (2, 1), (3, 3), so d = (1, −1, 0) and ρ = 1 − 6·2 / (3·8) = 0.5
-    assert fitlaw.sample_spearman(runs) == dict(sample_spearman_rho=pytest.approx(29 / 31), sample_spearman_n=6,
+    assert studies.sample_spearman(runs) == dict(sample_spearman_rho=pytest.approx(29 / 31), sample_spearman_n=6,
                                                 sample_spearman_rho_no00=pytest.approx(0.5), sample_spearman_n_no00=3)
 
 
@@ -486,8 +493,8 @@ def test_runs_planned_in_epochs_form_one_study_across_lengths(tmp_path, capsys):
     assert [(g["budget"], g["n"]) for g in groups] == [("200 epochs", 30), (300, 30)]  # sorted as text
     g = groups[0]
     assert g["alpha"] == pytest.approx(TRUE["alpha"], rel=1e-4) and g["beta"] == pytest.approx(TRUE["beta"], rel=1e-4)
-    keys = [tuple(g[k] for k in fitlaw.KEY) for g in groups]
-    assert fitlaw.group_slugs(keys) == ["200epochs", "300steps"]
+    keys = [tuple(g[k] for k in studies.KEY) for g in groups]
+    assert studies.group_slugs(keys) == ["200epochs", "300steps"]
 
 
 def test_pooled_noise_levels_lack_of_fit_is_blind_and_says_so(tmp_path, capsys):
@@ -573,8 +580,8 @@ def test_at_step_takes_each_runs_snapshot(tmp_path):
         f = tmp_path / f"run{i}.json"
         f.write_text(json.dumps(run))
         paths.append(str(f))
-    runs, _, _ = fitlaw.load_runs(paths)
-    at100, missing = fitlaw.at_step(runs, 100)
+    runs, _, _ = studies.load_runs(paths)
+    at100, missing = studies.at_step(runs, 100)
     assert missing == 1 and len(at100) == 19 and all(r["budget"] == 100 for r in at100)
     assert at100[0]["delta_loss"] == pytest.approx(law(1, 50, *truth[100]))
     fit = fitlaw.fit_law([r["rank"] for r in at100], [r["length"] for r in at100], [r["delta_loss"] for r in at100])
@@ -588,7 +595,7 @@ def test_at_step_carries_a_run_memorised_earlier_forward():
     runs = [dict(base, delta_loss=5.0, stop_reason="memorized", stopped_at=200),
             dict(base, delta_loss=4.0, stop_reason="plateau", stopped_at=200),
             dict(base, delta_loss=3.0, stop_reason="memorized", stopped_at=400)]
-    out, missing = fitlaw.at_step(runs, 300)
+    out, missing = studies.at_step(runs, 300)
     assert missing == 2 and len(out) == 1 and out[0]["delta_loss"] == 5.0 and out[0]["budget"] == 300
-    out, missing = fitlaw.at_step(runs, 100)
+    out, missing = studies.at_step(runs, 100)
     assert missing == 0 and [r["delta_loss"] for r in out] == [1.0, 1.0, 1.0]

@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import run_script
 
+import runs
 import train
-from lora import lora_parameters
+from lora import atomic_dir, lora_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,7 +87,7 @@ def test_finished_run_is_reused_only_with_the_same_settings(cli_run, tiny_chat, 
     assert "lr 0.01 -> 0.02" in msg and "steps 30 -> 31" in msg and "--overwrite" in msg and "--name" in msg
     assert f.read_bytes() == before
     # The number of processes is part of a run's identity too (it changes float order and dropout streams).
-    assert train.differences(train.identity(train.Config(), 1), train.identity(train.Config(), 2)) == [
+    assert runs.differences(runs.identity(train.Config(), 1), runs.identity(train.Config(), 2)) == [
         "processes 1 -> 2"]
 
 
@@ -107,7 +108,7 @@ def test_results_without_settings_are_not_reused(tiny_chat, tmp_path):
 
 
 def test_second_launch_of_a_running_run_names_the_holder(tiny_chat, tmp_path):
-    lock = train.RunLock(tmp_path / "r.lock")
+    lock = runs.RunLock(tmp_path / "r.lock")
     lock.acquire()  # as a first launch still running would hold it
     try:
         with pytest.raises(train.RunError, match=f"already running in process {os.getpid()}"):
@@ -281,11 +282,11 @@ def test_failed_write_leaves_no_temporary_files_and_keeps_the_training(tiny_chat
             (d / "adapter.safetensors").write_bytes(b"partial")
             raise OSError(28, "No space left on device")
 
-        train.atomic_dir(path, write)
+        atomic_dir(path, write)
 
     kw = dict(task="longctx", length=12, rank=2, steps=3, name="r")
     with monkeypatch.context() as m:
-        m.setattr(train, "save_adapter", full_disk)
+        m.setattr(runs, "save_adapter", full_disk)
         with pytest.raises(train.RunError, match="No space left on device.*run the same command"):
             run(tiny_chat, tmp_path, **kw)
     left = sorted(p.name for p in tmp_path.iterdir())
@@ -330,3 +331,11 @@ def test_bad_input_from_the_shell(tiny_chat, tmp_path):
     assert p.stderr.startswith("error:") and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert "99" in p.stderr and "0..2" in p.stderr  # names the problem and the valid range
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_the_header_names_the_adapted_layers():
+    """The run's header printed "@ layers all" for any 8 or more layers, e.g. layers 20..29 of 30."""
+    assert train.layer_list(list(range(30)), 30) == "all"
+    assert train.layer_list(list(range(20, 30)), 30) == "20..29"
+    assert train.layer_list([20], 30) == "20" and train.layer_list([3, 7, 11], 30) == "3,7,11"
+    assert train.layer_list(list(range(29)), 30) == "0..28"
