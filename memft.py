@@ -178,15 +178,18 @@ def curriculum_size(n_samples: int, batch_size: int, epoch: int, boundaries: Seq
 
     rho_e = ratios[i] for the first i with epoch < boundaries[i] (the last ratio once past them all).
     active = min(floor(N/B)*B, max(B, floor(floor(N*rho_e)/B)*B)): the paper's rule, so the active
-    set is always whole batches, never fewer than one batch, and never more than the full batches
-    (a trailing partial batch is never trained). N*rho gets a 1e-9 nudge so 0.29*100 floors to 29.
-    With N < B the rule would give 0; we return N instead (one partial batch).
+    set is whole batches and never fewer than one batch. N*rho gets a 1e-9 nudge so 0.29*100 floors
+    to 29. Two departures, so that every sample is trained: at the last ratio (1.0) every sample is
+    active, the trailing partial batch included (the paper's rule never trains the last N mod B
+    samples: 2 of 32 at batch 10); with N < B the rule would give 0, and we return N (one batch).
     """
     N, B = n_samples, batch_size
     if N < B:
         return N
     i = next((k for k, b in enumerate(boundaries) if epoch < b), len(ratios) - 1)
     rho = ratios[min(i, len(ratios) - 1)]
+    if rho >= 1:
+        return N
     want = math.floor(N * rho + 1e-9) // B * B
     return min(N // B * B, max(B, want))
 

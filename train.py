@@ -163,6 +163,7 @@ def train_step(model: torch.nn.Module, batch: list[Example], method: str, ot_fal
         (loss * procs.replicated_scale(len(batch)) / n_micro).backward()
     return dict(loss=float((w * losses)[mask].sum() / norm.clamp(min=1e-8)) / n_micro,
                 ce_sum=float(losses[mask].sum()), n_tok=int(mask.sum()), n_sub=info["n_sub"],
+                n_off=int((w[mask] < 0.5).sum()),  # answer tokens MemFT took (mostly) out of the loss
                 skipped=info["skipped"], max_ce=float(losses[mask].max()))
 
 
@@ -227,7 +228,7 @@ def train(t: Trainer) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             micro = t.plan[step]
-            rec = dict(loss=0.0, ce_sum=0.0, n_tok=0, n_sub=0, skipped=0, max_ce=0.0)
+            rec = dict(loss=0.0, ce_sum=0.0, n_tok=0, n_sub=0, n_off=0, skipped=0, max_ce=0.0)
             for idx in micro:
                 r = train_step(model, [t.examples[i] for i in idx], t.method, cfg.ot_fallback, t.pad, t.prefix,
                                state, len(micro), procs)
@@ -244,7 +245,8 @@ def train(t: Trainer) -> dict:
             em = sum(state.exact.get(e.id, False) for e in t.examples) / len(t.examples)
             now = time.perf_counter()
             history.append(dict(step=step, loss=round(rec["loss"], 6), ce=round(rec["ce_sum"] / rec["n_tok"], 6),
-                                max_ce=round(rec["max_ce"], 6), n_sub=rec["n_sub"], em=round(em, 4), lr=lr,
+                                max_ce=round(rec["max_ce"], 6), n_sub=rec["n_sub"], n_tok=rec["n_tok"],
+                                reweighted=round(rec["n_off"] / rec["n_tok"], 4), em=round(em, 4), lr=lr,
                                 skipped=rec["skipped"] == len(micro), time_s=round(now - t0, 3)))
             if step in snap_at:  # the same measurements as the end of a run, minus the decoder check
                 snaps.append(snapshot(model, t.examples, t.loss_init, t.pad, t.prefix, step))
@@ -394,7 +396,8 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
                   stopped_at=trained["stopped_at"], stop_reason=trained["stop_reason"], schedule=cfg.schedule,
                   paper_schedule=cfg.paper_schedule, targets=list(lcfg["targets"]),
                   layers=layers, preset=cfg.preset, lr=cfg.lr, batch_size=cfg.batch_size,
-                  grad_accum=cfg.grad_accum, n_samples=len(ex), data=cfg.data, text=cfg.text,
+                  grad_accum=cfg.grad_accum, epochs=None if cfg.steps is not None else cfg.epochs,
+                  n_samples=len(ex), data=cfg.data, text=cfg.text,
                   ot_fallback=cfg.ot_fallback, processes=procs.world, settings=settings,
                   **{k: v for k, v in res.items() if k != "per_sample"}, **extra,
                   time_s=round(trained["time_s"], 2), wall_s=round(time.perf_counter() - t_start, 2),

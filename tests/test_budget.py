@@ -124,3 +124,71 @@ def test_sw_equals_ot_when_the_curriculum_is_inactive(tiny_chat, tmp_path, capsy
     for a, b in zip(sw["history"], ot["history"], strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 and a["n_sub"] == b["n_sub"] and a["skipped"] == b["skipped"]
     assert sw["token_acc"] == ot["token_acc"]
+
+
+# Every (N samples, settings, method, answer length, boundaries) the study schedules: stage 3 and the law grid
+# (one long-context sample), stages 4 and 6 (books of 8, 16, 32 numbers at batch 8), stage 8 (the authors'
+# Qwen tables: SFT and OT at batch 4 for 200 epochs, SW at batch 10 for 300 epochs), and the facts example.
+QWEN_SW = paper_schedule("qwen", "sw_curriculum", 320)["boundaries"]
+STUDY = [(1, dict(batch_size=16, steps=2000), m, 50, None) for m in ("sft", "ot", "sw_window")] \
+    + [(n, dict(batch_size=8, epochs=200), m, 10 * n, None) for n in (8, 16, 32) for m in ("sft", "ot", "sw_curriculum")] \
+    + [(32, dict(batch_size=4, epochs=200), m, 320, None) for m in ("sft", "ot")] \
+    + [(32, dict(batch_size=10, epochs=300), "sw_curriculum", 320, QWEN_SW), (10, dict(batch_size=16, steps=60), "sft", 74, None)]
+
+
+@pytest.mark.parametrize("n, kw, method, length, bounds", STUDY)
+def test_every_schedule_of_the_study_trains_every_sample(n, kw, method, length, bounds):
+    plan = train.schedule(n, train.Config(**kw), method, length, bounds)
+    assert {i for step in plan for micro in step for i in micro} == set(range(n))
+
+
+def test_every_curriculum_trains_every_sample_by_its_last_stage():
+    for n in range(1, 41):
+        for b in range(1, 13):
+            plan = train.schedule(n, train.Config(batch_size=b, epochs=300), "sw_curriculum", 320, QWEN_SW)
+            assert {i for step in plan for micro in step for i in micro} == set(range(n)), (n, b)
+
+
+def test_stage_8_curriculum_by_hand():
+    """32 numbers at batch 10, boundaries [20, 40, 60, 80, 300]: active 10, 10, 10, 20, then all 32, so
+    1, 1, 1, 2 and then 4 batches per epoch (the last of 2 numbers): 20 + 20 + 20 + 40 + 220·4 = 980 steps.
+    The paper's rule stopped at 30 active (760 steps) and never trained the last 2 numbers of the order."""
+    plan = train.schedule(32, train.Config(batch_size=10, epochs=300), "sw_curriculum", 320, QWEN_SW)
+    assert QWEN_SW == [20, 40, 60, 80, 300] and len(plan) == 980
+    sizes = [len(step[0]) for step in plan]
+    assert sizes[:100] == [10] * 100 and sizes[100:104] == [10, 10, 10, 2] and sorted(set(sizes[100:])) == [2, 10]
+    assert len({i for step in plan[:100] for i in step[0]}) == 20  # the first 100 steps: stages 1-4
+
+
+def test_reweighted_share_is_the_tokens_memft_takes_out(tiny_llama):
+    """train_step's count of answer tokens at weight < 0.5, against the tokens at p > 0.5 of an independent
+    forward pass (dropout off in this adapter, so the training pass sees the same probabilities): OT takes
+    those out while some token is still below p = 0.5, SFT none."""
+    import math
+
+    import torch
+
+    from eval import answer_losses
+    from lora import add_lora, lora_parameters
+    from model import load_model
+    from test_scale import _examples
+
+    ex = _examples(3)
+    for method in ("sft", "ot"):
+        m = load_model(tiny_llama)
+        torch.manual_seed(0)
+        add_lora(m, 4, ("q_proj", "v_proj"), init="standard")
+        opt = torch.optim.AdamW(lora_parameters(m), lr=2e-2)
+        for _ in range(200):  # plain SFT until some answer tokens, not all, are past p = 0.5
+            with torch.no_grad():
+                loss, _, _ = answer_losses(m, ex, 0)
+            above = int((loss < math.log(2)).sum())
+            if 0.2 * len(loss) < above < len(loss):
+                break
+            opt.zero_grad()
+            answer_losses(m, ex, 0)[0].mean().backward()
+            opt.step()
+        assert 0 < above < len(loss)
+        opt.zero_grad()
+        r = train.train_step(m, ex, method, "sft", 0, None, train.MemState())
+        assert r["n_tok"] == len(loss) and r["n_off"] == (above if method == "ot" else 0)

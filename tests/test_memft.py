@@ -132,8 +132,10 @@ def test_sliding_state_expansion_per_id_and_json_roundtrip():
     (100, 8, 20, 40),     # epoch == boundary moves to the next stage: rho 0.4
     (100, 8, 59, 56),     # rho 0.6: floor(60 / 8) * 8
     (100, 8, 60, 80),     # rho 0.8
-    (100, 8, 80, 96),     # rho 1.0: floor(100 / 8) * 8, the partial batch is dropped
-    (100, 8, 300, 96),    # past every boundary: the last ratio
+    (100, 8, 80, 100),    # rho 1.0: every sample, the partial batch of 4 included (the paper's rule: 96)
+    (100, 8, 300, 100),   # past every boundary: the last ratio
+    (32, 10, 80, 32),     # stage 8's book at batch 10: the paper's rule gives 30 and never trains 2 numbers
+    (32, 10, 79, 20),     # rho 0.8: floor(25.6) = 25, floor(25 / 10) * 10 = 20
     (10, 8, 0, 8),        # floor(2 / 8) * 8 = 0, raised to one batch
     (37, 4, 45, 20),      # rho 0.6: floor(22.2) = 22, floor(22 / 4) * 4 = 20
     (100, 7, 0, 14),      # floor(20 / 7) * 7
