@@ -416,6 +416,7 @@ def layer_list(layers: list[int], n_layers: int) -> str:
         return f"{layers[0]}..{layers[-1]}"
     return ",".join(map(str, layers))
 
+
 def cli(argv: list[str] | None = None) -> None:
     cfg, sweep = parse(argv, __doc__)
     first = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process speaks for all
