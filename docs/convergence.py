@@ -358,12 +358,14 @@ def capacity(runs: list[dict]) -> list[str]:
 
 
 def phase_states(runs: list[dict]) -> list[list[tuple]]:
-    """Per stage-2 run, each state it passed through with a stubborn token (snapshots, then the end):
-    (rank, ℓ, step, earliest stubborn, first failure, token accuracy, stubborn count)."""
+    """Per stage-2 run, each state it passed through with a stubborn token (snapshots, then the end, unless
+    a snapshot at the last step is that same state): (rank, ℓ, step, earliest stubborn, first failure, token
+    accuracy, stubborn count)."""
     out = []
     for r in grid_runs(runs):
         states = [(s["step"], s["per_sample"][0]) for s in r.get("snapshots") or []]
-        states.append((r["steps"], r["per_sample"][0]))
+        if r["steps"] not in {step for step, _ in states}:
+            states.append((r["steps"], r["per_sample"][0]))
         rows = [(r["rank"], r["length"], step, ps["earliest_stubborn"], ps["first_failure"], ps["token_acc"],
                  len(ps["stubborn_positions"])) for step, ps in states if ps["earliest_stubborn"] is not None]
         if rows:
@@ -385,7 +387,8 @@ def phase_stats(states: list[tuple]) -> tuple[float, float, float]:
 
 def phase_transition(runs: list[dict], figures: Path, n_boot: int = N_BOOT) -> list[str]:
     """The p > 0.5 boundary inside training: where free-run greedy decoding first fails against the earliest
-    token at p ≤ 0.5, over every snapshot of the law grid, with intervals from resampling whole runs."""
+    token at p ≤ 0.5, over every snapshot of the law grid, with intervals from resampling (rank, ℓ) points
+    (a point's two seeds share one answer sequence, so they are not independent)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -395,9 +398,12 @@ def phase_transition(runs: list[dict], figures: Path, n_boot: int = N_BOOT) -> l
         return []
     flat = [s for rows in per_run for s in rows]
     same, anyway, rho = phase_stats(flat)
+    points = sorted({s[:2] for s in flat})
+    at = {p: [s for s in flat if s[:2] == p] for p in points}
+    later = [s for s in flat if s[3] > 0]  # the earliest stubborn token past the first answer position
     rng = np.random.default_rng(0)
-    boot = np.array([phase_stats([s for i in rng.integers(0, len(per_run), len(per_run)) for s in per_run[i]])
-                     for _ in range(n_boot)])
+    draws = [[s for i in rng.integers(0, len(points), len(points)) for s in at[points[i]]] for _ in range(n_boot)]
+    boot = np.array([phase_stats(d) + (np.mean([s[3] == s[4] for s in d if s[3] > 0]),) for d in draws])
     lo, hi = np.nanpercentile(boot, 2.5, axis=0), np.nanpercentile(boot, 97.5, axis=0)
     ties = sum(s[3] == s[4] == 0 for s in flat)
     untied = [s for s in flat if not s[3] == s[4] == 0]
@@ -429,9 +435,13 @@ def phase_transition(runs: list[dict], figures: Path, n_boot: int = N_BOOT) -> l
             "a wrong argmax has p ≤ 0.5, so the first failure is never before the earliest stubborn token "
             f"(smallest gap here: {int(gaps.min())}), and a run with no stubborn token decodes exactly "
             f"(`sufficient_violations`, summed over the {len(grid_runs(runs))} runs' ends: {violations}). What the "
-            "data add, with 95% intervals from "
-            f"{n_boot} resamples of whole runs (a run's states are not independent):", "",
-            f"- in {same:.0%} {ci(0)} of the states greedy decoding fails exactly at the earliest stubborn token;",
+            f"data add, with 95% intervals from {n_boot} resamples of the {len(points)} (rank, ℓ) points (a run's "
+            "states are not independent, nor are a point's two seeds, which share one answer sequence):", "",
+            f"- in {same:.0%} {ci(0)} of the states greedy decoding fails exactly at the earliest stubborn token; "
+            f"{ties} of the {len(flat)} states are the tie (0, 0), where the first answer token is already wrong "
+            f"and the two positions agree by construction. Among the {len(later)} states whose earliest stubborn "
+            f"token lies past the first position, the failure is there in "
+            f"{np.mean([s[3] == s[4] for s in later]):.0%} {ci(3)}: about as often greedy decoding gets past it;",
             f"- of all stubborn tokens, {anyway:.0%} {ci(1)} are still the argmax: p ≤ 0.5 is sufficient for a "
             "failure to be possible, not for it to happen, so the p > 0.5 stop is conservative;",
             f"- Spearman ρ between earliest stubborn and first failure: {rho:.3f} {ci(2)} over the pooled states; "
@@ -552,25 +562,27 @@ def paired(a: list[float], b: list[float]) -> str:
 
 EQUAL = dict(schedule="constant", paper_schedule=None)  # stages 3 and 4: one budget, a constant lr
 MEMFT = {  # stage: the settings its runs share, its metrics (the first in the table), and how it is described
-    "long context": (dict(task="longctx", noise=1.0, length=50, rank=1, budget=1000, **EQUAL), ("token_acc", "first_failure"),
+    "long context": (dict(task="longctx", noise=1.0, length=50, rank=1, budget=1000, **EQUAL), ("token_acc", "first_failure", "delta_loss"),
                      "ℓ = 50 random ids at rank 1, where SFT stays below exact recall; 1000 steps for every method at "
                      "a constant lr 1e-2"),
     "PhoneBook": (dict(task="phonebook", noise=None, length=320, rank=2, batch_size=8, epochs_budget=200, **EQUAL),
                   ("exact_match", "token_acc"),
                   "32 numbers (ℓ = 320 digits) at rank 2 with batch 8, so SW's curriculum grows its active set "
                   "from 8 to 32 numbers; 200 epochs for every method at a constant lr 1e-2: 800 steps for SFT and "
-                  "OT, 620 for SW, whose curriculum trains 1, 2, 3 and then 4 batches per epoch (the snapshots at step "
+                  "OT, 620 for SW, whose curriculum trains 1, 1, 2, 3 and then 4 batches per epoch (the snapshots at step "
                   "600, which all three reach, compare them at equal steps)"),
     "PhoneBook, the authors' schedules": (
         dict(task="phonebook", noise=None, length=320, rank=2, paper_schedule="qwen"), ("exact_match", "token_acc"),
         "The same book and rank under the authors' Qwen PhoneBook tables (`--paper-schedule qwen`): SFT and OT "
         "at batch 4 for 200 epochs (1,600 steps), SW at batch 10 for 300 epochs with the curriculum boundaries "
-        "[20, 40, 60, 80, 300] (760 steps, 1.5× SFT's epochs), all at lr 1e-2 decaying linearly"),
+        "[20, 40, 60, 80, 300] (980 steps: 1, 1, 1, 2 and then 4 batches per epoch, the last of 2 numbers; 1.5× SFT's "
+        "epochs), all at lr 1e-2 decaying linearly"),
 }
 
 
 METRICS = {"token_acc": "token accuracy", "exact_match": "fraction of numbers recalled exactly",
-           "first_failure": "first failure (answer tokens recalled before greedy decoding's first error)"}
+           "first_failure": "first failure (answer tokens recalled before greedy decoding's first error)",
+           "delta_loss": "ΔL (nats per answer token)"}
 MATCHED_STEP = {"PhoneBook": 600}  # a snapshot that SW's 620 steps reach too: the same steps, not the same epochs
 
 
@@ -630,8 +642,8 @@ def matched_steps(arms: dict, seeds: list[int], label: str, metrics: tuple) -> l
         return []
     def at(m: str, k: str) -> list[float]:
         return [next(x[k] for x in arms[m][s]["snapshots"] if x["step"] == step) for s in seeds]
-    return [f"- SW − {m.upper()} at step {step}, {METRICS[k]}: " + paired(at(m, k), at("sw", k))
-            for m in ("sft", "ot") for k in metrics]
+    return [f"- {b.upper()} − {a.upper()} at step {step}, {METRICS[k]}: " + paired(at(a, k), at(b, k))
+            for a, b in (("sft", "ot"), ("sft", "sw"), ("ot", "sw")) for k in metrics]
 
 
 def sampling(folder: Path) -> list[str]:

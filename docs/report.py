@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import convergence  # noqa: E402  (docs/convergence.py: the convergence study's block)
 from convergence import table  # noqa: E402  (one markdown table format for both)
+import review  # noqa: E402  (docs/review.py: what the study could and could not have seen)
 
 from fitlaw import fit_law, law, mape, r_squared, replicate_means  # noqa: E402
 from studies import plot_grid, spearman  # noqa: E402
@@ -343,7 +344,8 @@ def main(results: Path) -> None:
 
     text = DOC.read_text() if DOC.exists() else f"{CONV_BEGIN}\n{CONV_END}\n{BEGIN}\n{END}\n"
     text = replace_block(text, BEGIN, END, out)
-    text = replace_block(text, CONV_BEGIN, CONV_END, convergence.report(results / "convergence", ROOT / "docs"))
+    text = replace_block(text, CONV_BEGIN, CONV_END, convergence.report(results / "convergence", ROOT / "docs")
+                         + review.report(results / "convergence"))
     DOC.write_text(text)
     print(f"wrote {DOC} and figures in docs/ from {len(every)} runs and {results / 'convergence'}")
 

@@ -56,7 +56,7 @@ memft_lc() {  # $1: comma list of seeds
 # (ℓ = 320 digits), batch 8, so the active set grows from 8 to 32 numbers over the epochs. Rank 2, where
 # a one-seed pilot of SFT recalled 5 of 32 numbers after 200 epochs (rank 1: 0 of 32). The same
 # 200 epochs for every method at a constant lr 1e-2 (800 steps for SFT and OT; 620 for SW, whose
-# curriculum trains 1, 2, 3, then 4 batches per epoch), five paired seeds.
+# curriculum trains 1, 1, 2, 3, then 4 batches per epoch), five paired seeds.
 memft_pb() {  # $1: comma list of seeds
   $PY train.py --task phonebook --length 320 --rank 2 --methods sft,ot,sw --seeds "$1" --batch-size 8 \
     --epochs 200 --schedule constant --snapshots 100,200,400,600,800 --stop-when-memorized --save-every 100 \
@@ -92,20 +92,30 @@ capacity() {  # $1: rank
 # Stage 8, MemFT against SFT under the authors' own PhoneBook schedules (--paper-schedule qwen), beside
 # stage 4's equal budgets: the same 32-number book and rank 2, five paired seeds. For ℓ = 320 the tables
 # give SFT and OT batch 4 for 200 epochs (1,600 steps) and SW batch 10 with the curriculum boundaries
-# [20, 40, 60, 80, 300] for 300 epochs (760 steps: the curriculum trains 1, then 2, then 3 batches per
-# epoch), all at lr 1e-2 decaying linearly: SW gets 1.5× the
-# epochs, as in the paper's comparison.
+# [20, 40, 60, 80, 300] for 300 epochs (980 steps: the curriculum trains 1, 1, 1, 2, then 4 batches per
+# epoch, the last of 2 numbers), all at lr 1e-2 decaying linearly: SW gets 1.5× the epochs, as in the
+# paper's comparison. SW's first run here (760 steps) followed the authors' rounding, which never trains
+# 2 of the 32 numbers at batch 10; its files were replaced by a rerun that trains every number.
 memft_paper() {  # $1: comma list of seeds
   $PY train.py --task phonebook --length 320 --rank 2 --methods sft,ot,sw --seeds "$1" --paper-schedule qwen \
     --snapshots 100,200,400,800,1200,1600 --stop-when-memorized --save-every 100 --out $OUT/memft
 }
 
+# Stage 9, the law grid over data seeds: stage 2's ranks × ℓ {25, 50, 100, 200, 400}, 100 steps (the law at
+# steps 50 and 100, from snapshots) on data seeds 1 and 2 with training seed = data seed, and ℓ = 400 on data
+# seed 0, into dataseeds/. With stage 2's data-seed-0 runs, three answer sequences per point.
+data_seeds() {  # $1: data seed (= training seed), $2: comma list of lengths
+  $PY train.py --task longctx --noise 1.0 --lengths "$2" --ranks 1,2,4,8,16,32 --seed "$1" --data-seed "$1" \
+    --schedule constant --steps 100 --snapshots 50,100 --stop-when-memorized --save-every 50 --out $OUT/dataseeds
+}
+
 # The MemFT stages (3, 4, 8) run before 5-7, so that the comparison with SFT completes first. Chain 1 trains
 # stage 4's SW seeds 0, 2 and 4 alone, so stage 8's seed 4 runs in chain 2 to even out the chains.
 chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4 && memft_pb 0,2,4 && memft_paper 0,2 && density 0 \
-  && pb_law 0 && capacity 1 && capacity 4; }
+  && pb_law 0 && capacity 1 && capacity 4 && data_seeds 1 25,50,100,200 && data_seeds 2 25,50,100,200 \
+  && data_seeds 0 400; }
 chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3 && memft_pb 1,3 && memft_paper 1,3,4 && density 1 \
-  && pb_law 1 && capacity 2 && capacity 8; }
+  && pb_law 1 && capacity 2 && capacity 8 && data_seeds 1 400 && data_seeds 2 400; }
 chain1 > $OUT/chain1.log 2>&1 &
 chain2 > $OUT/chain2.log 2>&1
 wait
