@@ -13,21 +13,6 @@ import torch
 from lora import lora_parameters
 
 
-def shard(model: torch.nn.Module, world: int) -> None:
-    """FSDP2: shard each decoder layer's frozen weights over the processes. LoRA weights stay whole on every process (they are tiny, fp32, and their
-    gradients are summed by hand), and so do embeddings, final norm and head, which the chunked loss
-    reads outside forward. Sharding those as FSDP's root would not lower peak memory: FSDP2 keeps
-    the root's weights gathered from forward through backward, and a frozen base has no root
-    gradients or optimizer state to shard."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(model.lm_head.weight.device.type, (world,))
-    lora = set(lora_parameters(model))
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, ignored_params=lora & set(block.parameters()))
-
-
 @dataclass
 class Processes:
     """Data parallelism over torchrun's processes. With one process every method is the identity.
@@ -131,3 +116,19 @@ class Processes:
     def device(self) -> torch.device:
         """Where collectives' tensors live: the GPU under nccl, the CPU under gloo."""
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def shard(model: torch.nn.Module, world: int) -> None:
+    """FSDP2: shard each decoder layer's frozen weights over the processes.
+
+    LoRA weights stay whole on every process (they are tiny, fp32, and their gradients are summed by hand), and so do embeddings, final norm and head, which the chunked loss
+    reads outside forward. Sharding those as FSDP's root would not lower peak memory: FSDP2 keeps
+    the root's weights gathered from forward through backward, and a frozen base has no root
+    gradients or optimizer state to shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(model.lm_head.weight.device.type, (world,))
+    lora = set(lora_parameters(model))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=lora & set(block.parameters()))
