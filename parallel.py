@@ -122,9 +122,9 @@ def shard(model: torch.nn.Module, world: int) -> None:
     """FSDP2: shard each decoder layer's frozen weights over the processes.
 
     LoRA weights stay whole on every process (they are tiny, fp32, and their gradients are summed by
-    hand), and so do embeddings, final norm and head, which the chunked loss reads outside forward. Sharding those as FSDP's root would not lower peak memory: FSDP2 keeps
-    the root's weights gathered from forward through backward, and a frozen base has no root
-    gradients or optimizer state to shard."""
+    hand), and so do embeddings, final norm and head, which the chunked loss reads outside forward.
+    Sharding those as FSDP's root would not lower peak memory: FSDP2 keeps the root's weights gathered
+    from forward through backward, and a frozen base has no root gradients or optimizer state to shard."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
