@@ -23,3 +23,29 @@ def test_seeds_needed_is_the_first_n_with_80_percent_power():
     n = review.seeds_needed(0.062, 0.095)
     assert review.power(0.062, 0.095, n) >= 0.8 > review.power(0.062, 0.095, n - 1)
     assert review.seeds_needed(1e-6, 1.0) is None  # past the cap
+
+
+def test_clopper_pearson_by_hand():
+    lo, hi = review.clopper_pearson(0, 10)
+    assert lo == 0 and abs(hi - (1 - 0.025 ** (1 / 10))) < 1e-12  # k = 0: 1 − (α/2)^(1/n)
+    lo, hi = review.clopper_pearson(10, 10)
+    assert hi == 1 and abs(lo - 0.025 ** (1 / 10)) < 1e-12
+
+
+def test_boundary_counts_pairs_by_hand(tmp_path):
+    """Four pairs at rank 1, ℓ = 30: SFT recalls in pairs 0 and 1, OT in 0, 2 and 3 (so OT recalls where SFT
+    did not twice, and the reverse once); both recall in pair 0, OT at step 200 against SFT's 400."""
+    import json
+
+    (tmp_path / "boundary").mkdir()
+    recalls = {"sft": [True, True, False, False], "ot": [True, False, True, True]}
+    for m, flags in recalls.items():
+        for i, ok in enumerate(flags):
+            run = dict(rank=1, length=30, method=m, seed=i % 2, data_seed=i // 2, exact_match=1.0 if ok else 0.5,
+                       stubborn=0 if ok else 3, token_acc=1.0 if ok else 0.9, stopped_at=(200 if m == "ot" else 400)
+                       if ok else None, history=[dict(reweighted=0.1)], n_samples=1, answer_tokens=31)
+            (tmp_path / "boundary" / f"{m}-{i}.json").write_text(json.dumps(run))
+    lines = review.boundary(tmp_path)
+    assert "| 1 | 30 | SFT | 2 of 4 |" in "\n".join(lines) and "| 1 | 30 | OT | 3 of 4 |" in "\n".join(lines)
+    (test,) = [x for x in lines if x.startswith("- rank 1, ℓ = 30, OT")]
+    assert "recalled where SFT did not 2, the reverse 1" in test and "1 pairs that both recalled: 0.50" in test
