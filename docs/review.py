@@ -3,8 +3,8 @@ tokens MemFT took out of the loss, and the power of each MemFT comparison agains
 
     python docs/report.py        # calls report() below; its block follows the convergence study's
 
-Every number here is computed from results/convergence/ (and its dataseeds/ and memft/ folders); the only
-typed-in numbers are the paper's MemFT effects, labelled as such.
+Every number here is computed from results/convergence/ (and its dataseeds/, memft/ and boundary/ folders);
+the only typed-in numbers are the paper's MemFT effects and two from a replaced run, labelled as such.
 """
 
 import json
@@ -162,7 +162,8 @@ def memft_arms(runs: list[dict]) -> list[str]:
             "1, 2, 3 and then 4 batches per epoch; stage 8's (batch 10, boundaries [20, 40, 60, 80, 300]) 1, 1, 1, 2 "
             "and then 4, the last batch of 2 numbers: the authors' rule rounds the active set down to whole "
             "batches and so never trained 2 of the 32 numbers, which the first run of stage 8's SW arm inherited "
-            "(they ended at token accuracy 0.09–0.27); the arm was run again with every number in the last stage.",
+            "(in its files, since replaced, those two ended at token accuracy 0.09–0.27: typed in); the arm was "
+            "run again with every number in the last stage.",
             ""]
 
 
@@ -210,7 +211,11 @@ def memft_power(runs: list[dict]) -> list[str]:
                          " / ".join("> 1000" if n is None else str(n) for n in need)])
     if not rows:
         return []
+    n_tests = sum(line.startswith("- ") and " p = " in line for label in cv.MEMFT for line in cv.memft(runs, label))
     return ["### What the MemFT comparisons could have seen", "",
+            f"The three MemFT sections above make {n_tests} paired comparisons, each with its own p values, none "
+            "corrected for the others: with no effect anywhere, about one comparison in twenty would still reach "
+            "p < 0.05. A single p just under 0.05 among them (PhoneBook, OT − SFT at step 600) is weak evidence.", "",
             "Per comparison: the paired differences' mean and sd over the seeds, the paper's rank-1 effect in "
             "the same units (long context: token accuracy; PhoneBook: the fraction of numbers recalled; Llama / "
             "Qwen, from SPEC §8, typed in), the power of a two-sided paired t test at α = 0.05 with these pairs "
