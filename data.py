@@ -54,6 +54,17 @@ class Tokenizer:
         self.chat_template = template
         self.special = {k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.eos_id = self._eos_id(path)
+        self.context = self._context(path)
+
+    @staticmethod
+    def _context(path: Path) -> int | None:
+        """The model's context, config.json's max_position_embeddings: read with the tokenizer, so examples are
+        checked against it before the weights load. None when unknown (load_model reports a bad config.json)."""
+        try:
+            n = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return n if isinstance(n, int) and n > 0 else None
 
     def _eos_id(self, path: Path) -> int | None:
         if self.special["eos_token"] is not None:
@@ -178,26 +189,46 @@ def qa_example(tok: Tokenizer, i: int, key: str, answer: str, eot: bool = True, 
     return Example(i, chat_prompt(tok, key, system), ids + suffix, len(ids))
 
 
-def numbered_jsonl(path: str | Path, keys: tuple[str, ...], numbers_as_text: bool = False) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; with `numbers_as_text`, numbers keep the text written."""
+MAX_LINE = 2**20  # characters in one jsonl line (the paper's long-context lines hold about 110,000)
+MAX_FACT_LINE = 2**16  # characters in one line of a facts file: a query and its target, not a document
+
+
+def numbered_jsonl(path: str | Path, keys: tuple[str, ...], numbers_as_text: bool = False,
+                   max_line: int = MAX_LINE) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; with `numbers_as_text`, numbers keep the text written.
+
+    Read a line at a time, never more than `max_line` characters of one: a longer line is refused
+    before it is read whole, so a huge line cannot exhaust memory.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     parse = dict(parse_int=str, parse_float=str) if numbers_as_text else {}
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line, **parse)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg}); expected one object per line") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise DataError(f"{path}:{n}: missing key {missing[0]!r}; each line needs {', '.join(keys)}")
-        rows.append((n, row))
+    rows, n = [], 0
+    with open(path, encoding="utf-8") as f:
+        while True:
+            try:
+                line = f.readline(max_line + 1)
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: not UTF-8 text (after line {n}); save the file as UTF-8") from None
+            if not line:
+                break
+            n += 1
+            if len(line.rstrip("\n")) > max_line:
+                raise DataError(f"{path}:{n}: line longer than {max_line:,} characters; a line holds one example "
+                                f"(a fact: a query and its target), so shorten it or split it into several")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line, **parse)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg}); expected one object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+            missing = [k for k in keys if k not in row]
+            if missing:
+                raise DataError(f"{path}:{n}: missing key {missing[0]!r}; each line needs {', '.join(keys)}")
+            rows.append((n, row))
     if not rows:
         raise DataError(f"{path} has no examples")
     return rows
@@ -237,14 +268,19 @@ def _text(row: dict, key: str, where: str) -> str | None:
 
 
 def read_facts(path: str | Path) -> list[tuple[str, str, str | None]]:
-    """(query, target, system or None) per line of a facts file, refusing what cannot be a fact.
+    """(query, target, system or None) per line of a facts file, refusing what cannot be a fact."""
+    return [(q, t, s) for _, q, t, s in numbered_facts(path)]
+
+
+def numbered_facts(path: str | Path) -> list[tuple[int, str, str, str | None]]:
+    """(line number, query, target, system or None) per line of a facts file, refusing what cannot be a fact.
 
     Targets may be numbers, kept as the text written (42.10 stays "42.10"); null, empty and other
-    non-text targets, empty queries, and a query that appears twice (same target or not) are refused
-    with the file and line.
+    non-text targets, empty queries, a query that appears twice (same target or not) and a line over
+    MAX_FACT_LINE characters are refused with the file and line.
     """
     facts, seen = [], {}
-    for n, row in numbered_jsonl(path, ("query", "target"), numbers_as_text=True):
+    for n, row in numbered_jsonl(path, ("query", "target"), numbers_as_text=True, max_line=MAX_FACT_LINE):
         where = f"{path}:{n}"
         query, target, system = _text(row, "query", where), _text(row, "target", where), _text(row, "system", where)
         if query in seen:
@@ -252,15 +288,26 @@ def read_facts(path: str | Path) -> list[tuple[str, str, str | None]]:
             same = "the same target" if first == target else f"target {first!r} there, {target!r} here"
             raise DataError(f"{where}: query {query!r} already appears at line {m} ({same}); give each query once")
         seen[query] = (n, target)
-        facts.append((query, target, system))
+        facts.append((n, query, target, system))
     return facts
+
+
+def fits_context(tok: Tokenizer, e: Example, where: str, fix: str) -> Example:
+    """`e` itself, or a refusal naming `where` when its prompt and answer run past the model's context."""
+    n = len(e.prompt) + len(e.answer)
+    if tok.context is not None and n > tok.context:
+        raise DataError(f"{where}: the prompt and answer take {n:,} tokens, more than the model's context of "
+                        f"{tok.context:,} (max_position_embeddings in config.json); {fix}")
+    return e
 
 
 def facts(tok: Tokenizer, path: str | Path, name: str = "facts") -> Task:
     """Your own facts: each query -> its target, then end-of-turn, under the line's system prompt or SYSTEM."""
-    rows = read_facts(path)
-    ex = [qa_example(tok, i, q, t, system=s or SYSTEM) for i, (q, t, s) in enumerate(rows)]
-    return Task(name, ex, systems={q: s for q, _, s in rows if s is not None})
+    rows = numbered_facts(path)
+    ex = [fits_context(tok, qa_example(tok, i, q, t, system=s or SYSTEM), f"{path}:{n}",
+                       "shorten the target, or split it into several facts")
+          for i, (n, q, t, s) in enumerate(rows)]
+    return Task(name, ex, systems={q: s for _, q, _, s in rows if s is not None})
 
 
 def phonebook_rows(seed: int) -> list[tuple[str, str]]:
@@ -325,7 +372,9 @@ def longctx(tok: Tokenizer, length: int, noise: float = 1.0, seed: int = 0, text
     if length > len(ids):
         raise DataError(f"--length {length} is longer than the text ({len(ids)} tokens); pass a longer --text")
     noisy = add_noise(ids, noise, regular_ids(tok), seed)[:length]
-    return Task("longctx", [Example(0, chat_prompt(tok, question), noisy, length)], noise=noise)
+    e = fits_context(tok, Example(0, chat_prompt(tok, question), noisy, length), f"--length {length}",
+                     "lower --length")
+    return Task("longctx", [e], noise=noise)
 
 
 def linear_rule(tok: Tokenizer, samples: int = 100, heldout: int = 100, seed: int = 0) -> Task:

@@ -22,7 +22,7 @@ import torch
 
 from convert import ConvertError, resolve_model_dir
 from data import SYSTEM, DataError, Example, chat_prompt, collate, load_tokenizer
-from lora import LoraError, adapter_settings, load_adapter
+from lora import LoraError, load_adapter, read_adapter
 from model import ModelError, Transformer, load_model
 
 LN2 = math.log(2)  # loss below ln 2 <=> p > 0.5 <=> the token is the greedy argmax
@@ -270,7 +270,7 @@ def reply(model: str | None, prompt: str, max_new_tokens: int, system: str | Non
           adapter: str | Path | None = None) -> str:
     """Greedy reply to one user message. With an adapter, the prompt is formatted as in its training
     (base model, system prompt, chat template) unless `system` is given ("" for none)."""
-    settings = adapter_settings(adapter) if adapter else {}
+    settings = read_adapter(adapter)[0] if adapter else {}  # a damaged adapter: one line, before anything loads
     model = model or settings.get("base_model") or "default"
     if system is None and adapter:
         system = trained_system(settings, prompt)
@@ -299,7 +299,7 @@ def main(model: str | None, adapter: str, task: str | None = None, length: int |
     run_file = Path(str(adapter).rstrip("/") + ".json")
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     model = model or run.get("model", "default")
-    adapter_settings(adapter)  # no adapter: one line, before anything loads
+    read_adapter(adapter)  # no adapter, or a damaged one: one line, before anything loads
     folder = resolve_model_dir(model)
     tok = load_tokenizer(folder)
     task = make_task(tok, task or run.get("task", "phonebook"), length or run.get("length", 100),

@@ -18,6 +18,7 @@ is unchanged at step 0. On the `mlp` target the whole MLP block is wrapped: the 
 input (the post-attention RMSNorm output) and adds to the MLP output, h_out = h_mid + MLP(x) + s·x·Aᵀ·Bᵀ.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -240,20 +241,25 @@ def unwrapped_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+CHECKSUM = "weights_sha256"  # adapter.json's record of adapter.safetensors; adapters saved before it have none
+ADAPTER_KEYS = dict(rank=int, targets=list, layers=(list, type(None)), alpha=(int, float), dropout=(int, float), init=str)
+
+
 def save_adapter(model: nn.Module, path: str | Path, info: dict | None = None) -> None:
     """Our format always (adapter.safetensors + adapter.json); PEFT's too when every target is linear.
 
     adapter.json is `adapter_config(model)` plus `info`: train.py passes the base model (`base_model`,
     and its folder `base_model_path`, which PEFT's base_model_name_or_path then names) and how training
-    formatted prompts (`prompt`).
+    formatted prompts (`prompt`); and the sha256 of adapter.safetensors, which `load_adapter` checks.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
 
-    cfg = adapter_config(model) | (info or {})
     sd = lora_state_dict(model)
+    weights = save(sd)  # adapter.safetensors' bytes
+    cfg = adapter_config(model) | (info or {}) | {CHECKSUM: hashlib.sha256(weights).hexdigest()}
 
     def write(d: Path) -> None:
-        save_file(sd, str(d / "adapter.safetensors"))
+        (d / "adapter.safetensors").write_bytes(weights)
         (d / "adapter.json").write_text(json.dumps(cfg, indent=1))
         if "mlp" in cfg["targets"]:
             return  # PEFT has no whole-block adapter; our format only
@@ -273,35 +279,82 @@ def save_adapter(model: nn.Module, path: str | Path, info: dict | None = None) -
 
 
 def adapter_settings(path: str | Path) -> dict:
-    """A saved adapter's adapter.json, read without loading anything."""
+    """A saved adapter's adapter.json, read and checked without loading anything."""
     path = Path(path)
-    if not (path / "adapter.json").is_file() or not (path / "adapter.safetensors").is_file():
+    missing = [f for f in ("adapter.json", "adapter.safetensors") if not (path / f).is_file()]
+    if len(missing) == 2:
         raise LoraError(f"no adapter in {path} (expected adapter.json and adapter.safetensors)")
-    return json.loads((path / "adapter.json").read_text())
+    if missing:
+        raise LoraError(f"{path / missing[0]} is missing; the adapter folder is incomplete: retrain it, or copy "
+                        f"the whole folder again")
+    f = path / "adapter.json"
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise LoraError(f"{f} is damaged (not valid JSON{where}); retrain the adapter, or copy its folder "
+                        f"again") from None
+    if not isinstance(cfg, dict):
+        raise LoraError(f"{f} is damaged (a JSON {type(cfg).__name__}, not an object); retrain the adapter, or copy "
+                        f"its folder again")
+    for k, kind in ADAPTER_KEYS.items():
+        if k not in cfg or not isinstance(cfg[k], kind) or isinstance(cfg[k], bool):
+            got = "no" if k not in cfg else f"a bad ({json.dumps(cfg[k])})"
+            raise LoraError(f"{f} has {got} {k!r}; retrain the adapter, or copy its folder again")
+    return cfg
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> dict:
-    """Put a saved adapter (our format) onto a freshly loaded model; returns its settings."""
-    from safetensors.torch import load_file
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A saved adapter's settings and tensors, without a model: adapter.json checked, adapter.safetensors
+    whole and, when adapter.json records its sha256, unchanged since it was saved."""
+    from safetensors.torch import load
 
     path = Path(path)
     cfg = adapter_settings(path)
+    f = path / "adapter.safetensors"
+    data = f.read_bytes()
+    try:
+        sd = load(data)
+    except Exception as e:  # safetensors' own error: a truncated file, a bad header
+        raise LoraError(f"{f} is damaged ({str(e).strip() or type(e).__name__}); retrain the adapter, or copy "
+                        f"its folder again") from None
+    want = cfg.pop(CHECKSUM, None)
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise LoraError(f"{f} does not match the sha256 that adapter.json records: its weights changed since they "
+                        f"were saved (damaged, or edited). Retrain the adapter; if you changed the weights on "
+                        f"purpose, save them with lora.save_adapter, which records the new checksum")
+    return cfg, sd
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> dict:
+    """Put a saved adapter (our format) onto a freshly loaded model; returns its settings.
+
+    Everything about the files is checked before the model is touched (`read_adapter`); an adapter for
+    another model is refused with the first layer, target or shape that does not fit.
+    """
+    path = Path(path)
+    cfg, sd = read_adapter(path)
+    base = cfg.get("base_model_path") or cfg.get("base_model")
+    trained_on = f" (it was trained on {base})" if base else ""
     # Adapters saved before dropout_at was recorded get their init's default (None -> inferred).
-    add_lora(model, cfg["rank"], cfg["targets"], cfg["layers"], cfg["alpha"], cfg["dropout"], cfg["init"],
-             cfg.get("dropout_at"))
+    try:
+        add_lora(model, cfg["rank"], cfg["targets"], cfg["layers"], cfg["alpha"], cfg["dropout"], cfg["init"],
+                 cfg.get("dropout_at"))
+    except LoraError as e:
+        raise LoraError(f"the adapter in {path} does not fit this model: {e}{trained_on}") from None
     cfg["dropout_at"] = adapter_config(model)["dropout_at"]
-    sd = load_file(str(path / "adapter.safetensors"))
     mods = lora_modules(model)
     want = {f"{n}.{k}" for n in mods for k in ("lora_A", "lora_B")}
     if set(sd) != want:
-        raise LoraError(f"adapter in {path} does not fit this model (tensor names differ)")
+        raise LoraError(f"adapter in {path} does not fit this model (tensor names differ){trained_on}")
+    params = {key: getattr(mods[key.rsplit(".", 1)[0]], key.rsplit(".", 1)[1]) for key in sorted(sd)}
+    for key, p in params.items():  # every shape first: no weights copied from an adapter that does not fit
+        if p.shape != sd[key].shape:
+            raise LoraError(f"{path / 'adapter.safetensors'} does not fit this model: tensor {key} has shape "
+                            f"{tuple(sd[key].shape)}, the model's is {tuple(p.shape)}{trained_on}")
     with torch.no_grad():
-        for key, t in sd.items():
-            name, k = key.rsplit(".", 1)
-            p = getattr(mods[name], k)
-            if p.shape != t.shape:
-                raise LoraError(f"adapter tensor {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-            p.copy_(t)
+        for key, p in params.items():
+            p.copy_(sd[key])
     return cfg
 
 

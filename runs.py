@@ -10,6 +10,7 @@ same command resumes from <out>/<name>.ckpt/.
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -123,7 +124,11 @@ class RunFiles:
 
 
 class RunLock:
-    """One launch at a time per run: an exclusive flock on <out>/<name>.lock, which holds the owner's pid."""
+    """One launch at a time per run: an exclusive flock on <out>/<name>.lock, which holds the owner's pid and host.
+
+    The OS drops a flock when its process dies, however it dies: a lock file that a killed run left behind
+    blocks nothing, and the next launch takes it over (saying whose it was).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path, self.fh = path, None
@@ -132,25 +137,51 @@ class RunLock:
         import fcntl
 
         fh = open(self.path, "a+")
+        fh.seek(0)
+        left = fh.read().split()  # [pid, host] of a launch that never released the lock; empty after a release
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             fh.seek(0)
-            owner = fh.read().strip() or "unknown"
+            owner = fh.read().split()  # again: the holder may have written itself in meanwhile
             fh.close()
-            raise RunError(f"this run is already running in process {owner} (lock {self.path}); wait for it "
-                           f"to finish, or choose another --name") from None
+            raise RunError(self.held_by(owner)) from None
+        if left:
+            print(f"note: {self.path} was left by process {left[0]}, which ended without releasing it (killed?); "
+                  f"this launch takes the run over", file=sys.stderr, flush=True)
         fh.seek(0)
         fh.truncate()
-        fh.write(f"{os.getpid()}\n")
+        fh.write(f"{os.getpid()} {socket.gethostname()}\n")
         fh.flush()
         self.fh = fh
+
+    def held_by(self, owner: list[str]) -> str:
+        """Why the lock cannot be taken, naming its holder."""
+        pid = owner[0] if owner else "unknown"
+        here = len(owner) < 2 or owner[1] == socket.gethostname()
+        if here and pid.isdigit() and not alive(int(pid)):
+            return (f"this run's lock {self.path} is held, but process {pid}, which took it, has ended: a process it "
+                    f"started still holds it (`fuser {self.path}` names it); end that one, or choose another --name")
+        where = "" if here else f" on {owner[1]}"
+        return (f"this run is already running in process {pid}{where} (lock {self.path}); wait for it to finish, or "
+                f"choose another --name")
 
     def release(self) -> None:
         if self.fh is not None:
             self.path.unlink(missing_ok=True)
             self.fh.close()
             self.fh = None
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_json(path: Path, obj: dict | list) -> None:

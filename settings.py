@@ -8,6 +8,8 @@ train.py's `cli` parses the command line here; every other module takes a Config
 """
 
 import math
+import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -114,8 +116,11 @@ MAX_RANK = 64  # --rank auto's default cap
 PLAN_FROM = "results/**/*.json"  # --rank auto: the results files the planner reads by default
 
 
+_warned: set[str] = set()  # each warning once per process, though sweeps and --until-recalled check again
+
+
 def check(cfg: Config) -> None:
-    """Reject impossible settings before anything is loaded or written."""
+    """Reject impossible settings before anything is loaded or written; warn about implausible ones."""
     check_until_recalled(cfg)
     positive = dict(rank=None if cfg.rank == "auto" else cfg.rank, max_rank=cfg.max_rank, batch_size=cfg.batch_size,
                     grad_accum=cfg.grad_accum, samples=cfg.samples, epochs=cfg.epochs, eval_every=cfg.eval_every,
@@ -125,7 +130,7 @@ def check(cfg: Config) -> None:
             raise RunError(f"--{k.replace('_', '-')} must be a positive integer, got {v}")
     at_least_zero = dict(steps=cfg.steps, save_every=cfg.save_every, sample_recall=cfg.sample_recall, seed=cfg.seed,
                          data_seed=cfg.data_seed)
-    for k, v in at_least_zero.items():  # 0 steps: evaluate the untrained adapter (ΔL = 0)
+    for k, v in at_least_zero.items():  # 0 steps: evaluate the untrained adapter (ΔL = 0); typed, refused by parse
         if v is not None and v < 0:
             raise RunError(f"--{k.replace('_', '-')} must be 0 or more, got {v}")
     # Each number's allowed values; nan fails every comparison, so it is refused with the rest.
@@ -174,6 +179,16 @@ def check(cfg: Config) -> None:
     check_data(cfg)
     if cfg.merge_to:
         check_merge_to(cfg.settled())
+    if not 1e-6 <= cfg.lr <= 1 and not cfg.paper_schedule:  # --paper-schedule sets its own lr
+        warn(f"warning: --lr {cfg.lr:g} is far outside 1e-6..1; the study trained at 1e-2 (docs/facts.md's "
+             f"examples at 2e-2). Training goes on, but expect a worse loss, or none at all")
+
+
+def warn(line: str) -> None:
+    """One line on stderr, once per process, and under torchrun from the first process only."""
+    if line not in _warned and int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr, flush=True)
+    _warned.add(line)
 
 
 def check_until_recalled(cfg: Config) -> None:
@@ -302,7 +317,7 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
                    help="AdamW learning rate: the peak of a linear decay, or the constant one (see --schedule) "
                         "(default %(default)s)")
     g.add_argument("--epochs", type=int, default=c.epochs, help="passes over the data (default %(default)s; ignored with --steps)")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps, 1 or more (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=c.batch_size, help="samples per micro-batch (default %(default)s)")
     g.add_argument("--grad-accum", type=int, default=c.grad_accum, help="micro-batches per optimizer step (default %(default)s)")
     g.add_argument("--seed", type=int, default=c.seed,
@@ -359,6 +374,9 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
     g.add_argument("--methods", default=None, help="comma list: run every method")
     g.add_argument("--seeds", default=None, help="comma list: run every training seed")
     a = vars(ap.parse_args(argv))
+    if a["steps"] is not None and a["steps"] < 1:  # Config(steps=0) evaluates the untrained adapter; typed, a slip
+        sys.exit(f"error: --steps must be 1 or more, got {a['steps']}; 0 steps would train nothing and write a "
+                 f"result with ΔL = 0")
     sweep = {k: a.pop(k) for k in ("ranks", "lengths", "noises", "methods", "seeds")}
     return Config(**a), sweep
 
