@@ -209,7 +209,7 @@ BAD_SETTINGS = {
     "top-p": (["--top-p", "0"], "--top-p must be in (0, 1]"),
     "temperature": (["--temperature", "-1"], "--temperature must be a finite number, 0 or more"),
     "alpha": (["--alpha", "0"], "--alpha must be a finite number above 0"),
-    "steps": (["--steps", "-1"], "--steps must be 0 or more"),
+    "steps": (["--steps", "-1"], "--steps must be 1 or more"),
     "save-every": (["--save-every", "-2"], "--save-every must be 0 or more"),
     "dtype": (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     "data-missing": (["--data", "{missing}"], "file not found"),
