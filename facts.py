@@ -19,7 +19,9 @@ import torch
 
 from convert import resolve_model_dir
 from data import PROSE, DataError, Example, Tokenizer, chat_prompt, facts, file_sha256, load_tokenizer, read_facts
-from eval import decode_batch, same_length_batches
+from eval import same_length_batches
+from locality import DEFINITIONS as LOCALITY_DEFINITIONS
+from locality import measure, replies
 from lora import (PRESETS, adapted_width, adapter_disabled, adapter_settings, atomic_dir, load_adapter, lora_parameters,
                   merge, unwrapped_state_dict)
 from model import ModelArgs, Transformer, load_model, read_config
@@ -198,6 +200,7 @@ DEFINITIONS = {
     "prose_drift": "perplexity with the adapter / perplexity without it - 1, on the first tokens of assets/prose.txt",
     "prompts": "greedy replies (16 new tokens at most) to general questions in the model's own default chat "
                "format (no system turn of ours), adapter on and off",
+    **{f"locality.{k}": v for k, v in LOCALITY_DEFINITIONS.items()},
 }
 
 
@@ -218,22 +221,6 @@ def token_margins(model: Transformer, e: Example) -> tuple[torch.Tensor, torch.T
     logits = model(ids)[0, len(e.prompt) - 1 :]  # (A, V): the positions that predict the answer
     p_target, margin = p_and_margin(logits, torch.tensor(e.answer, device=dev))
     return p_target.cpu(), margin.cpu()
-
-
-@torch.no_grad()
-def replies(model: Transformer, prompts: list[list[int]], max_new: list[int], eos_id: int | None = None,
-            batch_size: int = 32) -> list[list[int]]:
-    """Each prompt's greedy reply, as generate() gives it one prompt at a time: at most its own `max_new`
-    tokens, ending at the first `eos_id` (included). Prompts of equal length are decoded together."""
-    dev = model.lm_head.weight.device
-    out: list[list[int]] = [[] for _ in prompts]
-    for chunk in same_length_batches([len(p) for p in prompts], batch_size):
-        toks = decode_batch(model, torch.tensor([prompts[i] for i in chunk], device=dev),
-                            max(max_new[i] for i in chunk), eos_id)  # (B, n)
-        for i, row in zip(chunk, toks.tolist()):
-            row = row[: max_new[i]]
-            out[i] = row[: row.index(eos_id) + 1] if eos_id in row else row
-    return out
 
 
 @torch.no_grad()
@@ -297,7 +284,8 @@ def side_effects(model: Transformer, tok: Tokenizer, prose_tokens: int = 256,
 
 def certify(base: str, adapter: str | Path, data: str | Path, dtype: str | torch.dtype | None = None,
             device: str | torch.device | None = None) -> dict:
-    """The certificate of a saved adapter, measured on it as saved: per fact, overall, and side effects."""
+    """The certificate of a saved adapter, measured on it as saved: per fact, overall, side effects, and
+    locality on the held-out part of assets/locality.json (its base side cached)."""
     folder = resolve_model_dir(base)
     tok = load_tokenizer(folder)
     rows = read_facts(data)
@@ -317,7 +305,8 @@ def certify(base: str, adapter: str | Path, data: str | Path, dtype: str | torch
     return dict(schema=1, adapter=str(adapter), base_model=str(base),
                 data=dict(path=str(Path(data).resolve()), sha256=file_sha256(data)),
                 dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
-                definitions=DEFINITIONS, facts=per, overall=overall, side_effects=side_effects(model, tok))
+                definitions=DEFINITIONS, facts=per, overall=overall, side_effects=side_effects(model, tok),
+                locality=measure(model, tok, folder))
 
 
 def print_certificate(cert: dict) -> None:
@@ -342,6 +331,12 @@ def print_certificate(cert: dict) -> None:
     for r in s["prompts"]:
         if not r["same"]:
             print(f"  {r['prompt']!r}: {r['without_adapter']!r} without the adapter, {r['with_adapter']!r} with it")
+    if "locality" in cert:  # certificates written before it have none
+        loc, pr = cert["locality"], cert["locality"]["prose"]
+        print(f"locality, adapter on vs off, held out ({loc['file']}: {loc['prompts']} prompts, {pr['tokens']} prose "
+              f"tokens): token agreement {loc['token_agreement']:.3f}, replies kept {loc['replies_kept']}/"
+              f"{loc['prompts']}; prose argmax agreement {pr['agreement']:.3f}, perplexity "
+              f"{pr['perplexity_without_adapter']:.3f} -> {pr['perplexity_with_adapter']:.3f} ({pr['drift']:+.2%})")
 
 
 def trained_data(adapter: str | Path) -> tuple[str, str]:

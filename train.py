@@ -20,7 +20,8 @@ backward), then `train` (the loop) and `run` (one run, from data and model to re
 loss is memft.weighted_loss and MemFT's token weights come from memft.method_weights. Beside the
 teaching path, each module with one job: settings.py (Config, the command line, its checks), runs.py
 (run identity, files, locks, checkpoints, sweeps), parallel.py (data parallelism; in one process it
-hands every batch back unchanged), facts.py (--until-recalled, --rank auto, the certificate, merging).
+hands every batch back unchanged), facts.py (--until-recalled, --rank auto, the certificate, merging),
+locality.py (what facts cost the rest of the model, and the KL term that keeps it small).
 """
 
 import math
@@ -30,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -37,6 +39,7 @@ from convert import ConvertError, resolve_model_dir
 from data import SYSTEM, DataError, Example, file_sha256, load_tokenizer, make_task
 from eval import LN2, PrefixCache, answer_losses, evaluate, sampled_recall, teacher_forced
 from facts import until_recalled, write_merged
+from locality import preserve
 from lora import LoraError, adapter_config, adapter_disabled, add_lora, lora_parameters
 from memft import (SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights,
                    weighted_loss)
@@ -185,6 +188,7 @@ class Trainer:
     procs: Processes
     files: RunFiles
     settings: dict
+    regulariser: Callable[[torch.nn.Module, int], float] | None = None  # adds its term's gradient; returns its value
 
 
 def train(t: Trainer) -> dict:
@@ -233,6 +237,7 @@ def train(t: Trainer) -> dict:
                 r = train_step(model, [t.examples[i] for i in idx], t.method, cfg.ot_fallback, t.pad, t.prefix,
                                state, len(micro), procs)
                 rec = {k: max(rec[k], r[k]) if k == "max_ce" else rec[k] + r[k] for k in rec}
+            kl = t.regulariser(model, step) if t.regulariser else None  # facts: KL to the base model on other text
             procs.sum_grads(params)  # on every process, every step, even when nothing was trained
             if rec["skipped"] < len(micro):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -247,13 +252,15 @@ def train(t: Trainer) -> dict:
             history.append(dict(step=step, loss=round(rec["loss"], 6), ce=round(rec["ce_sum"] / rec["n_tok"], 6),
                                 max_ce=round(rec["max_ce"], 6), n_sub=rec["n_sub"], n_tok=rec["n_tok"],
                                 reweighted=round(rec["n_off"] / rec["n_tok"], 4), em=round(em, 4), lr=lr,
-                                skipped=rec["skipped"] == len(micro), time_s=round(now - t0, 3)))
+                                skipped=rec["skipped"] == len(micro), time_s=round(now - t0, 3),
+                                **({} if kl is None else dict(kl=round(kl, 6)))))
             if step in snap_at:  # the same measurements as the end of a run, minus the decoder check
                 snaps.append(snapshot(model, t.examples, t.loss_init, t.pad, t.prefix, step))
             per_step = (now - t_loop) / (step - step0)
             if step == total or step % max(1, total // 20) == 0 or step - step0 <= 1:
                 say(f"step {step}/{total} | loss {rec['loss']:.4f} | ce {rec['ce_sum'] / rec['n_tok']:.4f} | "
                     f"sub-threshold {rec['n_sub']}/{rec['n_tok']} | em(train) {em:.2f} | lr {lr:.2e} | "
+                    + ("" if kl is None else f"kl {kl:.4f} | ") +
                     f"{per_step:.2f}s/step | ETA {fmt_time(per_step * (total - step))}", flush=True)
             if procs.any(stop.requested):
                 checkpoint(now)
@@ -365,6 +372,8 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
     with adapter_disabled(model):  # L_init: the frozen model's loss, computed once
         loss_init = [loss for loss, _ in teacher_forced(model, ex, pad, prefix=prefix)]
     plan = schedule(len(ex), cfg, method, task.length, boundaries)
+    # Facts keep the rest of the model: λ·KL(base ‖ adapted) on held-out general prompts and prose (locality.py).
+    reg = preserve(model, tok, folder, pad, min(layers), procs) if cfg.task == "facts" else None
     if procs.rank == 0:
         if method == "sw_curriculum" and len(ex) <= cfg.batch_size:
             print(f"note: {len(ex)} samples fit in one batch of {cfg.batch_size}, so the curriculum is active from "
@@ -373,8 +382,10 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
         print(f"{files.name}: {task.name}, {len(ex)} examples, ℓ = {task.length} answer tokens, rank {cfg.rank} "
               f"{','.join(lcfg['targets'])} @ layers {layer_list(layers, model.args.n_layers)}, {n_params:,} params, "
               f"method {method}, {len(plan)} steps, L_init = {l_init:.3f}"
-              + (f", {procs.world} processes" if procs.world > 1 else ""))
-    trained = train(Trainer(cfg, model, ex, loss_init, plan, method, pad, prefix, procs, files, settings))
+              + (f", {procs.world} processes" if procs.world > 1 else "")
+              + (f", preserve: λ·KL to the base on {len(reg.items)} general prompts and prose pieces, "
+                 f"{len(reg.chunks[0])} a step" if reg else ""))
+    trained = train(Trainer(cfg, model, ex, loss_init, plan, method, pad, prefix, procs, files, settings, reg))
 
     res = evaluate(model, ex, loss_init, pad, prefix, decode=cfg.decode)
     extra = {}
@@ -399,6 +410,7 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
                   grad_accum=cfg.grad_accum, epochs=None if cfg.steps is not None else cfg.epochs,
                   n_samples=len(ex), data=cfg.data, text=cfg.text,
                   ot_fallback=cfg.ot_fallback, processes=procs.world, settings=settings,
+                  preserve=reg.settings() if reg else None,
                   **{k: v for k, v in res.items() if k != "per_sample"}, **extra,
                   time_s=round(trained["time_s"], 2), wall_s=round(time.perf_counter() - t_start, 2),
                   snapshots=trained["snapshots"], history=trained["history"], per_sample=res["per_sample"])

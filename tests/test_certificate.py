@@ -104,6 +104,9 @@ def test_rank_auto_grows_until_recalled(tiny_chat, tmp_path, monkeypatch, capsys
     import planner
 
     monkeypatch.setattr(planner, "plan_recall", planner_at(1), raising=False)
+    # The growth is under test, not locality's KL term: on this random tiny model the term holds the adapter back
+    # (rank 8 then recalls 1 of 3 in 60 steps), so it is left out here.
+    monkeypatch.setattr(train, "preserve", lambda *a, **k: None)
     f = write_jsonl(tmp_path / "three.jsonl", STAFF[:3])
     cfg = settings.parse(auto_argv(tiny_chat, f, tmp_path / "runs", "--steps", "60", "--max-rank", "8"), train.__doc__)[0]
     cert = facts.until_recalled(cfg, train.main)
