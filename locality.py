@@ -170,7 +170,7 @@ def regulariser_items(model: Transformer, tok: Tokenizer, s: LocalitySet) -> lis
 
 
 def preserve(model: Transformer, tok: Tokenizer, folder: Path, pad: int, start: int = 0,
-             procs: Processes | None = None, per_step: int = PER_STEP) -> Regulariser:
+             procs: Processes | None = None, per_step: int = PER_STEP, weight: float = WEIGHT) -> Regulariser:
     """The facts runs' regulariser (train.run builds it): the regularisation part's items and the base's
     top-k, from the cache when this model, dtype and set were seen before. Under torchrun every process
     runs all of it, so each adds 1/world of the gradient that sum_grads adds up; all take the same path."""
@@ -189,7 +189,7 @@ def preserve(model: Transformer, tok: Tokenizer, folder: Path, pad: int, start: 
     tensors, meta = cached(key, compute, write=procs.rank == 0, all_same=procs.all_same)
     items = [Example(i, m["prompt"], m["answer"], len(m["answer"])) for i, m in enumerate(meta["items"])]
     base = [(tensors[f"{m['id']}.top_ids"], tensors[f"{m['id']}.top_p"]) for m in meta["items"]]
-    return Regulariser(model, items, base, pad, per_step=per_step, start=start, scale=1 / procs.world)  # ids 0..n-1
+    return Regulariser(model, items, base, pad, weight=weight, per_step=per_step, start=start, scale=1 / procs.world)  # ids 0..n-1
 
 
 # ----------------------------------------------------------------------------- the measure

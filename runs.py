@@ -34,11 +34,24 @@ NOT_IDENTITY = ("out", "name", "overwrite", "save_every", "prefix_cache_mb", "ac
                 "merge_to", "until_recalled", "max_rank", "plan_from")
 
 
+LATER = {"preserve": None}  # settings added after the study's results were written: left out at their default
+
+
 def identity(cfg: Config, processes: int) -> dict:
     """Everything that determines a run's numbers: the settled settings, the number of processes and
-    the data file's content (an edited file is other data under the same name)."""
+    the data file's content (an edited file is other data under the same name). Settings added later
+    are left out at their default, so that earlier results keep their identity; a facts run records the
+    λ it trained with."""
     data = {"data_sha256": file_sha256(cfg.data)} if cfg.data else {}
-    return {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY} | {"processes": processes} | data
+    same = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY and not (k in LATER and v == LATER[k])}
+    if cfg.task == "facts":
+        same["preserve"] = preserve_weight(cfg)
+    return same | {"processes": processes} | data
+
+
+def preserve_weight(cfg: Config) -> float:
+    """λ of the facts runs' KL term: --preserve, else 1 for facts and 0 for every other task."""
+    return (1.0 if cfg.task == "facts" else 0.0) if cfg.preserve is None else cfg.preserve
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:

@@ -59,6 +59,7 @@ class Config:
     max_rank: int | None = None  # --rank auto's cap (None -> MAX_RANK); never above the targets' width
     plan_from: str | None = None  # --rank auto: results files the planner reads (None -> PLAN_FROM)
     stop_at_plateau: float | None = None  # relative change of the training loss that counts as a plateau
+    preserve: float | None = None  # facts: λ of λ·KL(base ‖ adapted) on other text; None -> 1 for facts; 0: off
     eval_every: int = 10
     prefix_cache_mb: float = 4096
     decode: bool = True
@@ -137,6 +138,7 @@ def check(cfg: Config) -> None:
     numbers = dict(lr=(cfg.lr, lambda v: 0 < v < math.inf, "a finite number above 0"),
                    alpha=(cfg.alpha, lambda v: 0 < v < math.inf, "a finite number above 0"),
                    stop_at_plateau=(cfg.stop_at_plateau, lambda v: 0 < v < math.inf, "a finite number above 0"),
+                   preserve=(cfg.preserve, lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
                    temperature=(cfg.temperature, lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
                    prefix_cache_mb=(cfg.prefix_cache_mb, lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
                    noise=(cfg.noise, lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -214,6 +216,9 @@ def check_data(cfg: Config) -> None:
         raise RunError("--paper-schedule holds the authors' PhoneBook tables; use it with --task phonebook")
     if c.task == "facts" and c.data is None:
         raise RunError('--task facts needs --data FILE, a jsonl of {"query": ..., "target": ...} lines')
+    if c.preserve and c.task != "facts":
+        raise RunError(f"--preserve keeps the rest of the model while storing your own facts; it applies to --data "
+                       f"FILE of {{\"query\", \"target\"}} lines (this is task {c.task})")
     if c.until_recalled and c.task != "facts":
         raise RunError(f"--until-recalled certifies your own facts: give --data FILE of {{\"query\", \"target\"}} "
                        f"lines (this is task {c.task})")
@@ -339,6 +344,11 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
                         "(--steps is the budget of each attempt), then write certificate.json beside the adapter: "
                         "per fact exact or not, smallest p and margin; rank, params, bits; the side effects on "
                         "prose perplexity and general prompts. Exits 1 when some fact is not recalled")
+    g.add_argument("--preserve", type=float, default=None, metavar="LAMBDA",
+                   help="facts: weight λ of the KL(base ‖ adapted) term on held-out general prompts and prose that "
+                        "keeps the rest of the model (locality.py; default 1 for facts runs, 0 turns it off)")
+    g.add_argument("--no-preserve", dest="preserve", action="store_const", const=0.0,
+                   help="facts: train without the KL term (--preserve 0)")
     g.add_argument("--stop-at-plateau", type=float, nargs="?", const=0.01, default=None, metavar="TOL",
                    help="stop once the mean training loss over the last tenth of the steps differs from the tenth "
                         "before by under TOL (default 0.01 = 1%%); the results record which stop fired")

@@ -46,7 +46,7 @@ from memft import (SlidingState, anchor_positions, curriculum_boundaries, curric
 from model import ModelError, default_device_dtype, load_model
 from parallel import Processes, shard
 from runs import (RunFiles, StopRequest, base_model_path, find_checkpoint, fmt_time, interrupted_line,
-                  load_checkpoint, refuse_other_settings, return_freed_memory, run_grid, save_checkpoint, start_run,
+                  load_checkpoint, preserve_weight, refuse_other_settings, return_freed_memory, run_grid, save_checkpoint, start_run,
                   write_results)
 from settings import (Config, RunError, RunInterrupted, check, parse, resolve_lora, resolve_method,
                       with_paper_schedule)
@@ -373,7 +373,8 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
         loss_init = [loss for loss, _ in teacher_forced(model, ex, pad, prefix=prefix)]
     plan = schedule(len(ex), cfg, method, task.length, boundaries)
     # Facts keep the rest of the model: λ·KL(base ‖ adapted) on held-out general prompts and prose (locality.py).
-    reg = preserve(model, tok, folder, pad, min(layers), procs) if cfg.task == "facts" else None
+    weight = preserve_weight(cfg)
+    reg = preserve(model, tok, folder, pad, min(layers), procs, weight=weight) if weight > 0 else None
     if procs.rank == 0:
         if method == "sw_curriculum" and len(ex) <= cfg.batch_size:
             print(f"note: {len(ex)} samples fit in one batch of {cfg.batch_size}, so the curriculum is active from "

@@ -105,10 +105,10 @@ def test_rank_auto_grows_until_recalled(tiny_chat, tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(planner, "plan_recall", planner_at(1), raising=False)
     # The growth is under test, not locality's KL term: on this random tiny model the term holds the adapter back
-    # (rank 8 then recalls 1 of 3 in 60 steps), so it is left out here.
-    monkeypatch.setattr(train, "preserve", lambda *a, **k: None)
+    # (rank 8 then recalls 1 of 3 in 60 steps), so --no-preserve leaves it out here.
     f = write_jsonl(tmp_path / "three.jsonl", STAFF[:3])
-    cfg = settings.parse(auto_argv(tiny_chat, f, tmp_path / "runs", "--steps", "60", "--max-rank", "8"), train.__doc__)[0]
+    argv = auto_argv(tiny_chat, f, tmp_path / "runs", "--steps", "60", "--max-rank", "8", "--no-preserve")
+    cfg = settings.parse(argv, train.__doc__)[0]
     cert = facts.until_recalled(cfg, train.main)
     out = capsys.readouterr().out
     tries = cert["overall"]["attempts"]
@@ -119,6 +119,8 @@ def test_rank_auto_grows_until_recalled(tiny_chat, tmp_path, monkeypatch, capsys
     for i, a in enumerate(tries, 1):  # each attempt reported, and each one a run of its own
         assert f"attempt {i}: rank {a['rank']}, {a['steps']} of 60 steps, {a['facts_recalled']}/3 facts recalled" in out
         assert (tmp_path / "runs" / f"{a['name']}.json").is_file() and f"-r{a['rank']}-" in a["name"]
+        run = json.loads((tmp_path / "runs" / f"{a['name']}.json").read_text())
+        assert run["preserve"] is None and "kl" not in run["history"][0] and run["settings"]["preserve"] == 0.0
     adapter = tmp_path / "runs" / tries[-1]["name"]
     assert json.loads((adapter / facts.CERTIFICATE).read_text()) == cert
 

@@ -339,3 +339,29 @@ def test_the_header_names_the_adapted_layers():
     assert train.layer_list(list(range(20, 30)), 30) == "20..29"
     assert train.layer_list([20], 30) == "20" and train.layer_list([3, 7, 11], 30) == "3,7,11"
     assert train.layer_list(list(range(29)), 30) == "0..28"
+
+
+def test_the_study_s_results_keep_their_identity_and_facts_record_their_kl_weight(tmp_path):
+    """A setting added later (--preserve) must not make the study's finished runs look like other settings:
+    every results file's saved identity is what its settings give today. Facts runs record their λ."""
+    import glob
+
+    fields = train.Config.__dataclass_fields__
+    files = sorted(glob.glob(str(train.Path(train.__file__).parent / "results/convergence/**/*.json"), recursive=True))
+    checked = 0
+    for f in files:
+        saved = json.loads(open(f).read()).get("settings")
+        if not saved or saved.get("data"):
+            continue
+        cfg = train.Config(**{k: v for k, v in saved.items() if k in fields})
+        assert runs.identity(cfg, saved["processes"]) == saved, f
+        checked += 1
+    assert checked > 100
+    facts_file = tmp_path / "f.jsonl"
+    facts_file.write_text('{"query": "q", "target": "t"}\n')
+    c = train.Config(data=str(facts_file)).settled()
+    assert runs.identity(c, 1)["preserve"] == 1.0
+    assert runs.identity(train.Config(data=str(facts_file), preserve=0.0).settled(), 1)["preserve"] == 0.0
+    assert "preserve" not in runs.identity(train.Config().settled(), 1)
+    with pytest.raises(train.RunError, match="--preserve keeps the rest of the model"):
+        train.check(train.Config(task="longctx", preserve=1.0))
