@@ -19,8 +19,8 @@ spread gives a lack-of-fit F test. The fit starts from log-space linear fits and
 least squares. A group fails, with one line naming the reason, when the points cannot determine the
 four parameters: fewer than 2 ranks or 2 lengths, no more distinct points than parameters, or a
 near-singular Jacobian at the solution; the other groups are still fitted. Exit status is 0 when every
-file loaded and at least one group fitted. --plot draws each fitted group, titled with its settings and the fitted law, and prints which
-file holds which group.
+file loaded and at least one group fitted. --plot draws each fitted group, titled with its settings and
+the fitted law, and prints which file holds which group.
 """
 from __future__ import annotations
 
