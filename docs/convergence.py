@@ -595,15 +595,21 @@ def memft_arm(r: dict, label: str) -> bool:
     return r["_memft"] and r.get("data_seed") == r["seed"] and all(has(k, v) for k, v in MEMFT[label][0].items())
 
 
+def memft_arms(runs: list[dict], label: str) -> dict[str, dict[int, dict]]:
+    """A MemFT stage's runs as {method: {seed: run}}."""
+    arms: dict = {}
+    for r in (r for r in runs if memft_arm(r, label)):
+        arms.setdefault(r["method"], {})[r["seed"]] = r
+    return arms
+
+
 def memft(runs: list[dict], label: str) -> list[str]:
     """Stages 3, 4 and 8: MemFT-OT and -SW against SFT, seed by seed (seed i on data seed i), with paired
     tests on the stage's metrics (long context: token accuracy, and the first failure, i.e. how many answer
     tokens greedy decoding recalls before its first error; PhoneBook: numbers recalled)."""
     _, metrics, what = MEMFT[label]
     metric = metrics[0]
-    arms = {}
-    for r in (r for r in runs if memft_arm(r, label)):
-        arms.setdefault(r["method"], {})[r["seed"]] = r
+    arms = memft_arms(runs, label)
     seeds = sorted(set.intersection(*(set(v) for v in arms.values()))) if len(arms) == 3 else []
     if len(seeds) < 2:
         return []

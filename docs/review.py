@@ -132,9 +132,7 @@ def memft_arms(runs: list[dict]) -> list[str]:
     with SFT's (long-context OT: the same first failure, ΔL within a hair)."""
     rows, out = [], []
     for label in cv.MEMFT:
-        arms: dict = {}
-        for r in (r for r in runs if cv.memft_arm(r, label)):
-            arms.setdefault(r["method"], {})[r["seed"]] = r
+        arms = cv.memft_arms(runs, label)
         for m in ("ot", "sw"):
             shares = [offloaded_share(x) for x in arms.get(m, {}).values()]
             known = [s for s in shares if s is not None]
@@ -192,9 +190,7 @@ def memft_power(runs: list[dict]) -> list[str]:
     metric = {"long context": "token_acc", "PhoneBook": "exact_match", "PhoneBook, the authors' schedules": "exact_match"}
     rows = []
     for label, k in metric.items():
-        arms: dict = {}
-        for r in (r for r in runs if cv.memft_arm(r, label)):
-            arms.setdefault(r["method"], {})[r["seed"]] = r
+        arms = cv.memft_arms(runs, label)
         if not {"sft", "ot", "sw"} <= set(arms):
             continue
         for m in ("ot", "sw"):
