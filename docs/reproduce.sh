@@ -113,21 +113,23 @@ data_seeds() {  # $1: data seed (= training seed), $2: comma list of lengths
 # 25 / 30, rank 2 60 / 71, rank 4 141 / 168): at the lost length and the geometric midpoint of the bracket,
 # SFT, OT and SW (the long-context window), five paired training seeds on each of data seeds 0 and 1, stage
 # 2's settings, into boundary/. Seed s of every method trains on the same data, so each pair differs only in
-# the method.
-boundary() {  # $1: rank, $2: comma list of lengths, $3: data seed
-  $PY train.py --task longctx --noise 1.0 --lengths "$2" --rank "$1" --methods sft,ot,sw --seeds 0,1,2,3,4 \
-    --data-seed "$3" --schedule constant --steps 2000 --snapshots $SNAPS --stop-when-memorized --save-every 100 \
-    --out $OUT/boundary
+# the method. The seed loop is outside the method sweep, so that each seed's three arms finish together.
+boundary() {  # $1: rank, $2: comma list of lengths (the lost one first), $3: data seed
+  for L in ${2//,/ }; do for s in 0 1 2 3 4; do
+    $PY train.py --task longctx --noise 1.0 --length "$L" --rank "$1" --methods sft,ot,sw --seed "$s" \
+      --data-seed "$3" --schedule constant --steps 2000 --snapshots $SNAPS --stop-when-memorized --save-every 100 \
+      --out $OUT/boundary || return
+  done; done
 }
 
 # The MemFT stages (3, 4, 8) run before 5-7, so that the comparison with SFT completes first. Chain 1 trains
 # stage 4's SW seeds 0, 2 and 4 alone, so stage 8's seed 4 runs in chain 2 to even out the chains.
 chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4 && memft_pb 0,2,4 && memft_paper 0,2 && density 0 \
   && pb_law 0 && capacity 1 && capacity 4 && data_seeds 1 25,50,100,200 && data_seeds 2 25,50,100,200 \
-  && data_seeds 0 400 && boundary 1 27,30 0 && boundary 2 65,71 0 && boundary 4 154,168 0; }
+  && data_seeds 0 400 && boundary 1 30,27 0 && boundary 2 71,65 0 && boundary 4 168,154 0; }
 chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3 && memft_pb 1,3 && memft_paper 1,3,4 && density 1 \
-  && pb_law 1 && capacity 2 && capacity 8 && data_seeds 1 400 && data_seeds 2 400 && boundary 1 27,30 1 \
-  && boundary 2 65,71 1 && boundary 4 154,168 1; }
+  && pb_law 1 && capacity 2 && capacity 8 && data_seeds 1 400 && data_seeds 2 400 && boundary 1 30,27 1 \
+  && boundary 2 71,65 1 && boundary 4 168,154 1; }
 chain1 > $OUT/chain1.log 2>&1 &
 chain2 > $OUT/chain2.log 2>&1
 wait
