@@ -2,13 +2,16 @@
 
     python bench/gpu.py                                   # one CUDA GPU: 2048 and 8192 answer tokens, decode
     python bench/gpu.py --answer-tokens 2048 --activation-checkpointing
+    python bench/gpu.py --probe paper                     # only the paper's probe (whole-MLP LoRA, one layer)
     python bench/gpu.py --shape tiny --device cpu --dtype fp32 --answer-tokens 64 --decode-tokens 8  # smoke test
 
 The model is built from the config below on the meta device and filled with N(0, 0.02) weights
 on the target device: no download, nothing read from disk. Each measurement prints one JSON line:
   peaks          measured bf16 matmul TFLOP/s (8192³) and device-memory copy bandwidth
-  train/<ℓ>      one training step (rank-16 q,v LoRA on every layer, chunked CE over ℓ answer
-                 tokens after a 64-token prompt, AdamW): seconds, tokens/s, MFU and peak memory.
+  train/<probe>/<ℓ>  one training step (chunked CE over ℓ answer tokens after a 64-token prompt,
+                 AdamW): seconds, tokens/s, MFU and peak memory. Probes: qv = rank-16 q,v LoRA on every
+                 layer; paper = the paper's probe, a rank-16 whole-MLP LoRA on one layer at 2/3 depth
+                 (layer 21 of 32), so backward stops at that layer.
                  MFU = the step's matmul FLOPs (`train_step.step_flops`: frozen weights need input
                  gradients only, so about 4·params·tokens, plus attention) / step time / the
                  measured matmul peak; also against the nominal peak where the GPU is known.
@@ -70,7 +73,8 @@ def peaks(device, dtype) -> tuple[float, float]:
     return tflops, gbs
 
 
-def train_step(model, args, answer_tokens: int, device, repeats: int, peak_tflops: float, nominal):
+def train_step(model, args, answer_tokens: int, device, repeats: int, peak_tflops: float, nominal, probe: str,
+               first_layer: int):
     from train_step import step_flops
 
     from data import Example
@@ -94,8 +98,8 @@ def train_step(model, args, answer_tokens: int, device, repeats: int, peak_tflop
     s = best_seconds(step, repeats, device)
     T = 64 + answer_tokens - 1
     n_lora = sum(p.numel() for p in lora_parameters(model))
-    flops = step_flops(args, T, 0, 0, answer_tokens, n_lora)
-    row = dict(bench=f"gpu/train/{answer_tokens}", answer_tokens=answer_tokens, seq_tokens=T + 1,
+    flops = step_flops(args, T, first_layer, 0, answer_tokens, n_lora)
+    row = dict(bench=f"gpu/train/{probe}/{answer_tokens}", probe=probe, answer_tokens=answer_tokens, seq_tokens=T + 1,
                step_s=round(s, 4), tokens_per_s=round((T + 1) / s, 1), tflop=round(flops / 1e12, 2),
                tflops=round(flops / s / 1e12, 1), mfu_measured_peak=round(flops / s / 1e12 / peak_tflops, 3),
                activation_checkpointing=model.checkpoint_layers)
@@ -134,13 +138,24 @@ def main(a) -> None:
     nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None) if dtype == torch.bfloat16 else None
     emit(bench="gpu/peaks", device=name, dtype=a.dtype, matmul_tflops=round(tflops, 1), copy_gbs=round(gbs, 1),
          nominal_tflops=nominal)
-    model, args = random_model(a.shape, device, dtype, a.activation_checkpointing)
     if a.decode_tokens:
+        model, args = random_model(a.shape, device, dtype, a.activation_checkpointing)
         decode(model, args, a.decode_tokens, device, gbs)
-    add_lora(model, RANK, ("q_proj", "v_proj"))
-    model.train()
-    for n in a.answer_tokens:
-        train_step(model, args, n, device, a.repeats, tflops, nominal)
+        del model
+    for probe in a.probe:
+        model, args = random_model(a.shape, device, dtype, a.activation_checkpointing)
+        if probe == "qv":
+            first = 0
+            add_lora(model, RANK, ("q_proj", "v_proj"))
+        else:  # the paper preset's probe: whole-MLP adapter on one layer at 2/3 depth
+            first = round(args.n_layers * 2 / 3)
+            add_lora(model, RANK, ("mlp",), layers=[first], init="paper", dropout=0.1)
+        model.train()
+        for n in a.answer_tokens:
+            train_step(model, args, n, device, a.repeats, tflops, nominal, probe, first)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
@@ -151,6 +166,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--answer-tokens", default="2048,8192", help="comma list of answer lengths to train on")
+    ap.add_argument("--probe", default="qv,paper", help="comma list: qv (q,v on every layer) and/or paper (MLP probe)")
     ap.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens to time (0: skip decoding)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--activation-checkpointing", action="store_true")
@@ -159,4 +175,7 @@ if __name__ == "__main__":
         a.answer_tokens = [int(x) for x in a.answer_tokens.split(",") if x.strip()]
     except ValueError:
         sys.exit(f"error: --answer-tokens takes a comma list of integers, got {a.answer_tokens!r}")
+    a.probe = [x.strip() for x in a.probe.split(",") if x.strip()]
+    if not a.probe or set(a.probe) - {"qv", "paper"}:
+        sys.exit(f"error: --probe takes a comma list of qv and paper, got {','.join(a.probe)!r}")
     main(a)
