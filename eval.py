@@ -289,6 +289,21 @@ def reply(model: str | None, prompt: str, max_new_tokens: int, system: str | Non
     return text
 
 
+def run_settings(run_file: Path) -> dict:
+    """A run's results file, for its task settings: {} when there is none, one line when it is damaged."""
+    if not run_file.is_file():
+        return {}
+    fix = "give --task, --length and --data yourself, or run the training again to rewrite it"
+    try:
+        run = json.loads(run_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise DataError(f"{run_file} is damaged (not valid JSON{where}); it holds the run's task settings: {fix}") from None
+    if not isinstance(run, dict):
+        raise DataError(f"{run_file} is damaged (a JSON {type(run).__name__}, not an object); {fix}")
+    return run
+
+
 def main(model: str | None, adapter: str, task: str | None = None, length: int | None = None,
          noise: float | None = None, seed: int | None = None, data: str | Path | None = None,
          text: str | Path | None = None, sample_recall: int = 0,
@@ -297,7 +312,7 @@ def main(model: str | None, adapter: str, task: str | None = None, length: int |
     from data import make_task
 
     run_file = Path(str(adapter).rstrip("/") + ".json")
-    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    run = run_settings(run_file)
     model = model or run.get("model", "default")
     read_adapter(adapter)  # no adapter, or a damaged one: one line, before anything loads
     folder = resolve_model_dir(model)

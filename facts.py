@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from convert import resolve_model_dir
-from data import PROSE, DataError, Example, Tokenizer, chat_prompt, facts, file_sha256, load_tokenizer, read_facts
+from data import (PROSE, DataError, Example, Tokenizer, chat_prompt, facts, file_sha256, load_tokenizer,
+                  numbered_facts, read_facts)
 from eval import same_length_batches
 from locality import DEFINITIONS as LOCALITY_DEFINITIONS
 from locality import measure, replies
@@ -113,6 +114,60 @@ def until_recalled(cfg: Config, run_one: Callable[[Config], dict]) -> dict:
     if cfg.merge_to and procs.rank == 0:
         write_merged(c, adapter, Path(cfg.merge_to))
     return cert
+
+
+def adding(cfg: Config) -> Config:
+    """--add-to ADAPTER: this run's settings for adding --data's facts to a saved facts adapter.
+
+    The adapter's own facts file (as adapter.json records it, unchanged since) and --data's are joined
+    into <out>/added/<new>+<adapter>.jsonl, stored facts first; the run trains on the joined file from the
+    adapter's weights, with its rank, targets, layers, alpha and dropout. So the certificate covers old and
+    new facts, and the old ones are trained on, not only kept by luck. Checked before anything loads: the
+    adapter (files, checksum, base model), both files, and no query stored with another target.
+    """
+    if not cfg.add_to:
+        return cfg
+    check(cfg)
+    c = cfg.settled()
+    if c.task != "facts":
+        raise RunError("--add-to adds facts to a facts adapter: give --data FILE of {\"query\", \"target\"} lines")
+    if cfg.rank == "auto":
+        raise RunError("--add-to keeps the adapter's rank; drop --rank auto")
+    adapter = Path(cfg.add_to)
+    settings = adapter_settings(adapter)
+    base = settings.get("base_model")
+    if base is not None and base != cfg.model:
+        raise RunError(f"{adapter} was trained on --model {base}, not {cfg.model}; give --model {base}")
+    old_path, old_sha = trained_data(adapter)
+    if not Path(old_path).is_file():
+        raise DataError(f"the facts file {adapter} was trained on is missing: {old_path}; --add-to trains on the "
+                        f"stored facts again, so it needs that file")
+    if file_sha256(old_path) != old_sha:
+        raise DataError(f"{old_path} changed since {adapter} was trained on it; --add-to needs the facts as stored")
+    old, new = numbered_facts(old_path), numbered_facts(cfg.data)
+    stored = {q: (n, t, s) for n, q, t, s in old}
+    rows = [(q, t, s) for _, q, t, s in old]
+    for n, q, t, s in new:
+        if q not in stored:
+            rows.append((q, t, s))
+        elif stored[q][1:] != (t, s):
+            was = stored[q][1] if stored[q][1] != t else f"{t!r} under another system prompt"
+            raise DataError(f"{cfg.data}:{n}: query {q!r} is stored in {adapter} as {was!r} ({old_path}:{stored[q][0]}); "
+                            f"--add-to adds facts and never overwrites one: retrain from scratch to change it")
+    if len(rows) == len(old):
+        raise DataError(f"every fact in {cfg.data} is already stored in {adapter}; nothing to add")
+    joined = Path(cfg.out) / "added" / f"{Path(cfg.data).stem}+{adapter.resolve().name}.jsonl"
+    text = "".join(json.dumps(dict(query=q, target=t) | ({"system": s} if s is not None else {})) + "\n"
+                   for q, t, s in rows)
+    if not joined.is_file() or joined.read_text() != text:  # the same content keeps the run's identity
+        joined.parent.mkdir(parents=True, exist_ok=True)
+        tmp = joined.with_name(joined.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(joined)
+    preset = "standard" if settings["init"] == "standard" else "paper"
+    return replace(cfg, data=str(joined), rank=settings["rank"], preset=preset,
+                   targets=",".join(settings["targets"]), layers=",".join(map(str, settings["layers"])),
+                   alpha=settings["alpha"], dropout=settings["dropout"])
 
 
 def write_certificate(c: Config, adapter: Path, attempts: list[dict], plan: dict | None) -> dict:

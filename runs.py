@@ -34,7 +34,7 @@ NOT_IDENTITY = ("out", "name", "overwrite", "save_every", "prefix_cache_mb", "ac
                 "merge_to", "until_recalled", "max_rank", "plan_from")
 
 
-LATER = {"preserve": None}  # settings added after the study's results were written: left out at their default
+LATER = {"preserve": None, "add_to": None}  # settings added after the study's results were written: left out at their default
 
 
 def identity(cfg: Config, processes: int) -> dict:
@@ -43,6 +43,8 @@ def identity(cfg: Config, processes: int) -> dict:
     are left out at their default, so that earlier results keep their identity; a facts run records the
     λ it trained with."""
     data = {"data_sha256": file_sha256(cfg.data)} if cfg.data else {}
+    if cfg.add_to:  # the adapter it starts from, by content
+        data["add_to_sha256"] = file_sha256(Path(cfg.add_to) / "adapter.safetensors")
     same = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY and not (k in LATER and v == LATER[k])}
     if cfg.task == "facts":
         same["preserve"] = preserve_weight(cfg)

@@ -60,6 +60,7 @@ class Config:
     plan_from: str | None = None  # --rank auto: results files the planner reads (None -> PLAN_FROM)
     stop_at_plateau: float | None = None  # relative change of the training loss that counts as a plateau
     preserve: float | None = None  # facts: λ of λ·KL(base ‖ adapted) on other text; None -> 1 for facts; 0: off
+    add_to: str | None = None  # facts: an adapter to train further on its own facts and --data's (facts.adding)
     eval_every: int = 10
     prefix_cache_mb: float = 4096
     decode: bool = True
@@ -358,6 +359,11 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
     g.add_argument("--out", default=c.out, help="results folder (default %(default)s)")
     g.add_argument("--name", default=None,
                    help="run name (default from the settings; with --data, the file's name and a hash of its content)")
+    g.add_argument("--add-to", default=None, metavar="ADAPTER",
+                   help="facts: add --data's facts to a saved facts adapter (runs/NAME). The run starts from that "
+                        "adapter, with its rank, targets and layers, and trains on its facts and the new ones "
+                        "together, so the certificate covers both; the joined file is written under "
+                        "<out>/added/")
     g.add_argument("--merge-to", default=None, metavar="DIR",
                    help="after training, write a Hugging Face folder (fp32 weights with the adapter folded in, "
                         "config, tokenizer) that transformers loads alone; linear targets only")

@@ -38,9 +38,9 @@ import torch
 from convert import ConvertError, resolve_model_dir
 from data import SYSTEM, DataError, Example, file_sha256, load_tokenizer, make_task
 from eval import LN2, PrefixCache, answer_losses, evaluate, sampled_recall, teacher_forced
-from facts import until_recalled, write_merged
+from facts import adding, until_recalled, write_merged
 from locality import preserve
-from lora import LoraError, adapter_config, adapter_disabled, add_lora, lora_parameters
+from lora import LoraError, adapter_config, adapter_disabled, add_lora, load_adapter, lora_parameters
 from memft import (SlidingState, anchor_positions, curriculum_boundaries, curriculum_size, method_weights,
                    weighted_loss)
 from model import ModelError, default_device_dtype, load_model
@@ -356,12 +356,19 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
     model = load_model(folder, dtype=cfg.dtype, device=device,
                        checkpoint_layers=cfg.activation_checkpointing, compile_layers=cfg.compile)
     lcfg = resolve_lora(cfg, model.args.n_layers)
-    n_params = add_lora(model, cfg.rank, **lcfg)
+    if cfg.add_to:  # adding facts (facts.adding): start from the stored facts' adapter
+        load_adapter(model, cfg.add_to)
+        n_params = sum(p.numel() for p in lora_parameters(model))
+    else:
+        n_params = add_lora(model, cfg.rank, **lcfg)
     # Saved with the adapter: the base model and its real folder (for PEFT), the prompt format (for eval.py).
     adapter_info = dict(base_model=cfg.model, base_model_path=base_model_path(cfg.model, folder), prompt=dict(
         system=SYSTEM, systems=task.systems, chat_template_kwargs=dict(enable_thinking=False)))
     if cfg.data:  # what eval.py --certify measures again, refused when the file changed
         adapter_info["data"] = dict(path=str(Path(cfg.data).resolve()), sha256=file_sha256(cfg.data))
+    if cfg.add_to:  # where its stored facts came from
+        adapter_info["added_to"] = dict(path=str(Path(cfg.add_to).resolve()),
+                                        sha256=file_sha256(Path(cfg.add_to) / "adapter.safetensors"))
     layers = adapter_config(model)["layers"]
     prefix = PrefixCache(model, min(layers), cfg.prefix_cache_mb) if min(layers) > 0 else None
     if procs.world > 1:
@@ -435,14 +442,14 @@ def cli(argv: list[str] | None = None) -> None:
     first = int(os.environ.get("RANK", 0)) == 0  # under torchrun, one process speaks for all
     try:
         if any(sweep.values()):
-            if cfg.until_recalled or cfg.rank == "auto":
-                raise RunError("--until-recalled certifies one run (--rank auto makes its own attempts); drop the "
-                               "sweep lists")
+            if cfg.until_recalled or cfg.rank == "auto" or cfg.add_to:
+                raise RunError("--until-recalled and --add-to make one run (--rank auto makes its own attempts); "
+                               "drop the sweep lists")
             run_grid(cfg, sweep, main)
         elif cfg.until_recalled:
-            until_recalled(cfg, main)
+            until_recalled(adding(cfg), main)
         else:
-            main(cfg)
+            main(adding(cfg))
     except RunInterrupted as e:
         sys.exit(f"{e}" if first else 130)
     except KeyboardInterrupt:

@@ -203,6 +203,18 @@ def test_eval_prompt_on_a_truncated_adapter_prints_one_line(saved, tiny_chat, tm
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"error: {path}/adapter.safe")
 
 
+@pytest.mark.parametrize("content,words", [('{"task": "facts", "len', "not valid JSON at line 1"),
+                                           ("[1, 2]", "a JSON list, not an object")])
+def test_eval_metrics_on_a_damaged_results_file_prints_one_line(saved, tiny_chat, tmp_path, content, words):
+    """eval.py --adapter runs/NAME reads the run's settings from runs/NAME.json; a damaged one is one line."""
+    path = damaged(saved, tmp_path, lambda p: None)
+    (tmp_path / "a.json").write_text(content)
+    r = run_script("eval.py", "--model", tiny_chat, "--adapter", path, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == r.stderr.strip().splitlines()[0]
+    assert r.stderr.startswith(f"error: {tmp_path / 'a.json'} is damaged ({words}") and "--task" in r.stderr
+
+
 def test_an_altered_adapter_is_refused_and_an_old_one_still_loads(saved, tiny_chat, tmp_path):
     """adapter.json records the sha256 of adapter.safetensors; an adapter saved before it did still loads."""
     from safetensors.torch import load_file, save_file

@@ -207,3 +207,57 @@ def test_merge_a_finished_run_later_matches_our_model(tiny_chat, tmp_path, capsy
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     train.cli(argv + ["--merge-to", str(merged)])  # a folder we merged into before may be replaced
     assert json.loads((merged / settings.MERGED_MARK).read_text())["adapter"] == str(tmp_path / "runs" / "r")
+
+
+# ----------------------------------------------------------------------------- adding facts later
+
+
+def peft_replies(base, adapter, examples) -> list[list[int]]:
+    """Greedy replies of transformers + PEFT with our adapter loaded, as many tokens as each answer."""
+    peft = pytest.importorskip("peft")
+    m = peft.PeftModel.from_pretrained(hf_model(base), str(adapter)).eval()
+    out = []
+    for e in examples:
+        with torch.no_grad():
+            ids = m.generate(torch.tensor([e.prompt]), do_sample=False, max_new_tokens=len(e.answer),
+                             min_new_tokens=len(e.answer), eos_token_id=None, pad_token_id=0)
+        out.append(ids[0, len(e.prompt):].tolist())
+    return out
+
+
+def test_add_to_keeps_the_stored_facts_and_adds_new_ones(tiny_chat, tmp_path, monkeypatch):
+    """A second facts file added to a certified adapter: the run starts from that adapter (its rank, targets and
+    layers), trains on old and new facts together, and transformers + PEFT loading the result recall all of them
+    verbatim; a fact repeated with its stored target counts once. The refusals come before anything loads."""
+    out = tmp_path / "runs"
+    a = write_jsonl(tmp_path / "a.jsonl", STAFF[:2])
+    b = write_jsonl(tmp_path / "b.jsonl", [STAFF[2], STAFF[0], STAFF[3]])
+    common = ["--model", str(tiny_chat), "--lr", "2e-2", "--steps", "200", "--until-recalled", "--no-preserve",
+              "--out", str(out)]
+    train.cli(common + ["--data", str(a), "--rank", "8", "--name", "first"])
+    first = json.loads((out / "first" / "certificate.json").read_text())
+    assert [f["exact"] for f in first["facts"]] == [True, True]
+
+    train.cli(common + ["--data", str(b), "--rank", "2", "--add-to", str(out / "first"), "--name", "second"])
+    joined = out / "added" / "b+first.jsonl"
+    assert [json.loads(x)["query"] for x in joined.read_text().splitlines()] == [r["query"] for r in STAFF[:4]]
+    cert = json.loads((out / "second" / "certificate.json").read_text())
+    assert [f["query"] for f in cert["facts"]] == [r["query"] for r in STAFF[:4]] and all(f["exact"] for f in cert["facts"])
+    assert cert["overall"]["rank"] == 8  # the adapter's rank, not --rank 2
+    result = json.loads((out / "second.json").read_text())
+    assert result["settings"]["add_to"] == str(out / "first") and result["settings"]["add_to_sha256"]
+    # against transformers + PEFT: every stored fact comes back verbatim, old and new
+    ex = facts(load_tokenizer(tiny_chat), joined).train
+    assert peft_replies(tiny_chat, out / "second", ex) == [e.answer for e in ex]
+
+    # it starts from the stored adapter: one step at lr 1e-6 leaves the old facts recalled and the new ones not
+    train.cli(["--model", str(tiny_chat), "--data", str(b), "--add-to", str(out / "first"), "--steps", "1", "--lr",
+               "1e-6", "--no-preserve", "--out", str(out), "--name", "third"])
+    assert [p["exact_match"] for p in json.loads((out / "third.json").read_text())["per_sample"]] == [1, 1, 0, 0]
+
+    conflict = write_jsonl(tmp_path / "c.jsonl", [dict(query=STAFF[0]["query"], target="ZZ-0000-ZZ")])
+    line = refusal(monkeypatch, common + ["--data", str(conflict), "--add-to", str(out / "first")])
+    assert "c.jsonl:1" in line and "never overwrites" in line
+    same = write_jsonl(tmp_path / "d.jsonl", STAFF[:1])
+    assert "nothing to add" in refusal(monkeypatch, common + ["--data", str(same), "--add-to", str(out / "first")])
+    assert "no adapter in" in refusal(monkeypatch, common + ["--data", str(b), "--add-to", str(tmp_path / "none")])
