@@ -17,10 +17,10 @@ def load_docs(name: str):
     return module
 
 
-def write_run(out: Path, rank: int, length: int, seed: int, exact: bool) -> None:
+def write_run(out: Path, rank: int, length: int, seed: int, exact: bool, method: str = "sft") -> None:
     data = "" if seed == 0 else "-d0"  # train.py's names: the data seed shows when it differs
     run = {"seed": seed, "data_seed": 0, "budget": 2000, "exact_match": 1.0 if exact else 0.5}
-    (out / f"longctx-n1-L{length}-r{rank}-sft-const-s{seed}{data}.json").write_text(json.dumps(run))
+    (out / f"longctx-n1-L{length}-r{rank}-{method}-const-s{seed}{data}.json").write_text(json.dumps(run))
 
 
 def load_into(tmp_path: Path, monkeypatch):
@@ -30,6 +30,7 @@ def load_into(tmp_path: Path, monkeypatch):
     probes.mkdir(parents=True)
     monkeypatch.setattr(capacity, "GRID", grid)
     monkeypatch.setattr(capacity, "OUT", probes)
+    monkeypatch.setattr(capacity, "BOUNDARY", grid / "boundary")
     return capacity, grid, probes
 
 
@@ -55,6 +56,27 @@ def test_bisects_and_skips_the_seeds_after_a_failure(tmp_path, monkeypatch):
     assert calls == [(50, 0), (35, 0), (35, 1), (42, 0), (42, 1), (46, 0)]
     # the probes went to their own folder, the grid's folder holds the grid alone
     assert len(list(probes.glob("*.json"))) == 6 and len(list(grid.glob("*.json"))) == 4
+
+
+def test_a_memft_method_starts_from_sfts_bracket_and_bisects_its_own_runs(tmp_path, monkeypatch):
+    capacity, grid, probes = load_into(tmp_path, monkeypatch)
+    calls = []
+
+    def fake_train(cmd: list[str], check: bool, cwd: Path) -> None:
+        arg = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+        length, rank, seed, method = int(arg["--length"]), int(arg["--rank"]), int(arg["--seed"]), arg["--method"]
+        calls.append((length, seed, method))
+        write_run(Path(arg["--out"]), rank, length, seed, length <= 30, method)  # SW holds up to 30 on both seeds
+
+    monkeypatch.setattr(capacity.subprocess, "run", fake_train)
+    for seed in (0, 1):  # SFT's grid: 25 held, 100 lost; SW has no run yet
+        write_run(grid, 2, 25, seed, True)
+        write_run(grid, 2, 100, seed, False)
+    assert capacity.bisect(2, [0, 1], tolerance=0.1, python="python", max_length=1600, method="sw") == (30, 32)
+    # By hand: SW first probes SFT's held 25 (held); doubling gives 50 (lost by seed 0); √(25·50) ≈ 35 lost;
+    # √(25·35) ≈ 30 held by both; √(30·35) ≈ 32 lost; 32/30 − 1 < 0.1 stops. SFT's runs never count for SW.
+    assert calls == [(25, 0, "sw"), (25, 1, "sw"), (50, 0, "sw"), (35, 0, "sw"), (30, 0, "sw"), (30, 1, "sw"),
+                     (32, 0, "sw")]
 
 
 def test_a_failure_decides_before_every_seed_has_run(tmp_path, monkeypatch):
