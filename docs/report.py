@@ -345,7 +345,7 @@ def main(results: Path) -> None:
     text = DOC.read_text() if DOC.exists() else f"{CONV_BEGIN}\n{CONV_END}\n{BEGIN}\n{END}\n"
     text = replace_block(text, BEGIN, END, out)
     text = replace_block(text, CONV_BEGIN, CONV_END, convergence.report(results / "convergence", ROOT / "docs")
-                         + review.report(results / "convergence"))
+                         + review.report(results / "convergence", ROOT / "docs"))
     DOC.write_text(text)
     print(f"wrote {DOC} and figures in docs/ from {len(every)} runs and {results / 'convergence'}")
 

@@ -232,7 +232,44 @@ def clopper_pearson(k: int, n: int) -> tuple[float, float]:
             1.0 if k == n else float(beta.ppf(0.975, k + 1, n - k)))
 
 
-def boundary(folder: Path) -> list[str]:
+def recall_points(cells: dict, held: dict) -> dict:
+    """Per arm, for each (rank, ℓ) of a rank with a known capacity: (ℓ / held[rank], share of runs recalled
+    exactly, its exact binomial 95% interval)."""
+    points: dict = {}
+    for (rank, L), arms in sorted(cells.items()):
+        for m, got in arms.items():
+            if rank in held and got:
+                k = sum(x["exact_match"] == 1.0 and not x["stubborn"] for x in got.values())
+                points.setdefault(m, []).append((L / held[rank], k / len(got), *clopper_pearson(k, len(got))))
+    return points
+
+
+def boundary_figure(points: dict, figures: Path) -> str:
+    """Exact-recall rate per arm against ℓ / SFT's capacity, with 95% intervals, to figures/boundary.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for j, (m, color) in enumerate((("sft", "tab:gray"), ("ot", "tab:blue"), ("sw", "tab:orange"))):
+        pts = points.get(m, [])
+        if pts:
+            x, y, lo, hi = map(np.array, zip(*pts))
+            ax.errorbar(x * (1 + 0.01 * (j - 1)), y, yerr=[y - lo, hi - y], fmt="o", color=color, label=m.upper(),
+                        capsize=3)  # the arms side by side
+    ax.axvline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("ℓ / SFT's longest held ℓ at that rank (stage 7)")
+    ax.set_ylabel("share of runs recalled exactly")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(figures / "boundary.png", dpi=100)
+    plt.close(fig)
+    return "![Exact-recall rate per arm against ℓ over SFT's capacity, with 95% intervals](boundary.png)"
+
+
+def boundary(folder: Path, figures: Path | None = None) -> list[str]:
     """Stage 10: SFT, OT and SW at the lost length and inside the bracket of ranks 1, 2, 4: per arm the share
     of runs that recall exactly (exact binomial interval), the paired differences over (training seed, data
     seed) pairs, and the steps to recall relative to SFT where both recalled."""
@@ -272,6 +309,10 @@ def boundary(folder: Path) -> list[str]:
                          + ratio)
     if not rows:
         return []
+    figure = []
+    if figures:  # SFT's capacity per rank: the longest ℓ every seed held in stage 7's grid and probes
+        held = {row[0]: row[3] for row in cv.capacity_rows(cv.grid_runs(cv.load(folder), lengths=None)) if row[3]}
+        figure = [boundary_figure(recall_points(cells, held), figures), ""]
     return ["### MemFT at the capacity boundary", "",
             "Stage 10: at each rank's lost length and inside its bracket (stage 7), SFT, OT and SW (the long-context "
             "window), five training seeds on each of two data seeds, 2000 steps at a constant lr 1e-2 or until "
@@ -279,13 +320,13 @@ def boundary(folder: Path) -> list[str]:
             "the decoder) with the exact binomial 95% interval, mean token accuracy and stubborn tokens at the end, "
             "and the mean share of answer tokens MemFT took out of the loss.", "",
             cv.table(["rank", "ℓ", "arm", "recalled", "95% interval", "token acc", "stubborn", "share taken out"],
-                     rows), "", "Paired by (training seed, data seed):", "", *tests, ""]
+                     rows), "", *figure, "Paired by (training seed, data seed):", "", *tests, ""]
 
 
-def report(folder: Path) -> list[str]:
+def report(folder: Path, figures: Path | None = None) -> list[str]:
     """The review's lines, after the convergence study's."""
     runs = cv.load(folder)
     if not runs:
         return []
     return ["## What the study could and could not have seen", ""] + data_seed_law(folder) + memft_arms(runs) \
-        + memft_power(runs) + boundary(folder)
+        + memft_power(runs) + boundary(folder, figures)

@@ -49,3 +49,10 @@ def test_boundary_counts_pairs_by_hand(tmp_path):
     assert "| 1 | 30 | SFT | 2 of 4 |" in "\n".join(lines) and "| 1 | 30 | OT | 3 of 4 |" in "\n".join(lines)
     (test,) = [x for x in lines if x.startswith("- rank 1, ℓ = 30, OT")]
     assert "recalled where SFT did not 2, the reverse 1" in test and "1 pairs that both recalled: 0.50" in test
+    # the figure's points: ℓ over the rank's capacity (25 held), the share recalled and its exact interval
+    cells = {(1, 30): {m: {i: json.loads((tmp_path / "boundary" / f"{m}-{i}.json").read_text()) for i in range(4)}
+                       for m in recalls}, (2, 71): {"sft": {}}}
+    points = review.recall_points(cells, {1: 25})
+    assert [p[:2] for p in points["sft"]] == [(1.2, 0.5)] and [p[:2] for p in points["ot"]] == [(1.2, 0.75)]
+    assert points["ot"][0][2:] == review.clopper_pearson(3, 4)
+    assert review.boundary_figure(points, tmp_path).endswith("(boundary.png)") and (tmp_path / "boundary.png").stat().st_size
