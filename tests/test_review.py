@@ -41,12 +41,14 @@ def test_boundary_counts_pairs_by_hand(tmp_path):
     recalls = {"sft": [True, True, False, False], "ot": [True, False, True, True]}
     for m, flags in recalls.items():
         for i, ok in enumerate(flags):
-            run = dict(rank=1, length=30, method=m, seed=i % 2, data_seed=i // 2, exact_match=1.0 if ok else 0.5,
+            greedy = ok or (m, i) == ("sft", 2)  # SFT's pair 2: greedy exact, but a token at p <= 0.5
+            run = dict(rank=1, length=30, method=m, seed=i % 2, data_seed=i // 2, exact_match=1.0 if greedy else 0.5,
                        stubborn=0 if ok else 3, token_acc=1.0 if ok else 0.9, stopped_at=(200 if m == "ot" else 400)
                        if ok else None, history=[dict(reweighted=0.1)], n_samples=1, answer_tokens=31)
             (tmp_path / "boundary" / f"{m}-{i}.json").write_text(json.dumps(run))
     lines = review.boundary(tmp_path)
-    assert "| 1 | 30 | SFT | 2 of 4 |" in "\n".join(lines) and "| 1 | 30 | OT | 3 of 4 |" in "\n".join(lines)
+    assert "| 1 | 30 | SFT | 2 of 4 | [0.07, 0.93] | 3 of 4 |" in "\n".join(lines)
+    assert "| 1 | 30 | OT | 3 of 4 | [0.19, 0.99] | 3 of 4 |" in "\n".join(lines)
     (test,) = [x for x in lines if x.startswith("- rank 1, ℓ = 30, OT")]
     assert "recalled where SFT did not 2, the reverse 1" in test and "1 pairs that both recalled: 0.50" in test
     # the figure's points: ℓ over the rank's capacity (25 held), the share recalled and its exact interval
