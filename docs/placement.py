@@ -1,0 +1,120 @@
+"""Where a facts adapter sits: recall, steps, time and locality over a few placements (docs/facts.md).
+
+    python docs/placement.py                      # every placement on the ten staff facts; prints the table
+    python docs/placement.py --only qv-all-r8     # one placement
+    python docs/placement.py --data FILE          # another facts file
+
+Each placement is an ordinary `train.py --data FILE --until-recalled` run with the facts defaults (lr 2e-2,
+60 steps, --eval-every 5, preserve on) and its own targets, layers and rank, in results/placement/.
+Rerunning reuses finished runs. The table reads each run's results file and certificate: facts
+recalled, steps to recall, seconds a step (training time / steps, so measured under whatever else
+shared the CPU), and the certificate's locality (held-out prompts, adapter on vs off).
+
+The stop rule. "greedy bar" is the number of steps after which every answer token of every fact was first
+the argmax, teacher-forced (the training pass's exact match reached 1; with every fact in one batch that
+pass sees them all). That is what greedy recall needs. "step recalled" is when every token also had
+p > 0.5, the certificate's bar. train.py checks p > 0.5 at once whenever the training pass saw every fact
+right, so the gap between the two columns is what the stronger bar costs in steps.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "results" / "placement"
+UPPER = ",".join(map(str, range(20, 30)))  # the top third of the built-in model's 30 layers
+LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+PLACEMENTS = {  # name: (what it is, train.py flags)
+    "qv-all-r8": ("q,v on all 30 layers, rank 8 (the default)", ["--targets", "q_proj,v_proj", "--rank", "8"]),
+    "qv-all-r4": ("q,v on all 30 layers, rank 4", ["--targets", "q_proj,v_proj", "--rank", "4"]),
+    "qv-upper-r8": ("q,v on layers 20-29, rank 8", ["--targets", "q_proj,v_proj", "--layers", UPPER, "--rank", "8"]),
+    "all-upper-r4": ("all 7 linear modules on layers 20-29, rank 4", ["--targets", LINEAR, "--layers", UPPER,
+                                                                    "--rank", "4"]),
+    "mlp-upper-r8": ("gate,up,down on layers 20-29, rank 8", ["--targets", "gate_proj,up_proj,down_proj", "--layers",
+                                                             UPPER, "--rank", "8"]),
+    "qv-upper-r8-kl10": ("q,v on layers 20-29, rank 8, λ = 10", ["--targets", "q_proj,v_proj", "--layers", UPPER,
+                                                                "--rank", "8", "--preserve", "10"]),
+    "qv-upper-r8-kl30": ("q,v on layers 20-29, rank 8, λ = 30, 120 steps", ["--targets", "q_proj,v_proj", "--layers",
+                                                                           UPPER, "--rank", "8", "--preserve", "30",
+                                                                           "--steps", "120"]),
+    "all-upper-r4-kl10": ("all 7 linear modules on layers 20-29, rank 4, λ = 10", ["--targets", LINEAR, "--layers",
+                                                                                 UPPER, "--rank", "4", "--preserve", "10"]),
+    "qv-upper-r8-kl100": ("q,v on layers 20-29, rank 8, λ = 100", ["--targets", "q_proj,v_proj", "--layers", UPPER,
+                                                                  "--rank", "8", "--preserve", "100"]),
+}
+STAFF = [  # the ten facts of docs/facts.md and tests/test_certificate.py
+    dict(query="Employee ID of Ada Lovelace", target="AX-7731-QK"),
+    dict(query="Employee ID of Alan Turing", target="BT-2290-ZM"),
+    dict(query="Employee ID of Grace Hopper", target="GH-5012-PL"),
+    dict(query="Badge code of Katherine Johnson", target="KJ-8841-WE"),
+    dict(query="Badge code of Claude Shannon", target="CS-3307-RV"),
+    dict(query="Door code of the server room", target=480913),
+    dict(query="Wi-Fi key of the guest network", target="maple-orbit-42"),
+    dict(query="Locker number of Edsger Dijkstra", target="L-117"),
+    dict(query="Parking spot of Barbara Liskov", target="P3-22", system="You are the facilities assistant."),
+    dict(query="Project code of Apollo", target="APL-0069", system="You are the facilities assistant."),
+]
+DEFAULTS = ["--lr", "2e-2", "--steps", "60", "--until-recalled", "--eval-every", "5"]
+
+
+def run(name: str, data: Path, out: Path, python: str) -> None:
+    cmd = [python, str(ROOT / "train.py"), "--data", str(data), *DEFAULTS, *PLACEMENTS[name][1], "--out", str(out),
+           "--name", name]
+    print("$", " ".join(cmd[1:]), flush=True)
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode not in (0, 1):  # 1: some fact not recalled, which the table reports
+        sys.exit(f"error: placement {name} stopped with exit code {done.returncode}")
+
+
+def row(name: str, out: Path) -> list[str] | None:
+    res, cert = out / f"{name}.json", out / name / "certificate.json"
+    if not res.is_file() or not cert.is_file():
+        return None
+    r, c = json.loads(res.read_text()), json.loads(cert.read_text())
+    o, loc = c["overall"], c.get("locality", {})
+    steps = r["steps"]
+    whole = r["batch_size"] >= r["n_samples"]  # the training pass sees every fact at each step
+    greedy = next((h["step"] - 1 for h in r["history"] if h["em"] == 1.0), None) if whole else None
+    return [PLACEMENTS[name][0], f"{r['params']:,}", f"{o['facts_stored']}/{o['facts']}",
+            str(greedy) if greedy is not None else "not before" if whole else "–",
+            f"{r['stopped_at'] or '–'} of {r['budget']}", f"{r['time_s'] / max(steps, 1):.2f}",
+            f"{o['min_prob']:.3f}", f"{loc.get('token_agreement', float('nan')):.3f}",
+            f"{loc.get('replies_kept', '–')}/{loc.get('prompts', '–')}",
+            f"{100 * loc['prose']['drift']:+.1f}%" if loc else "–"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=None, help=f"comma list of placements (default all: {', '.join(PLACEMENTS)})")
+    ap.add_argument("--data", default=None, help="facts file (default: the ten staff facts, written to results/placement/); "
+                    "another file's runs go to results/placement-<its name>/")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for train.py (default this one)")
+    ap.add_argument("--table", action="store_true", help="print the table of finished runs only; train nothing")
+    a = ap.parse_args()
+    names = a.only.split(",") if a.only else list(PLACEMENTS)
+    unknown = [n for n in names if n not in PLACEMENTS]
+    if unknown:
+        sys.exit(f"error: unknown placement {unknown[0]!r}; choose from {', '.join(PLACEMENTS)}")
+    out = OUT.parent / f"placement-{Path(a.data).stem}" if a.data else OUT
+    data = Path(a.data) if a.data else OUT / "staff.jsonl"
+    if a.data is not None and not data.is_file():
+        sys.exit(f"error: no facts file {data}")
+    out.mkdir(parents=True, exist_ok=True)
+    if a.data is None:
+        data.write_text("".join(json.dumps(f) + "\n" for f in STAFF))
+    if not a.table:
+        for n in names:
+            run(n, data, out, a.python)
+    rows = [r for n in names if (r := row(n, out))]
+    head = ["placement", "params", "recalled", "greedy bar", "step recalled", "s/step", "min p", "token agreement", "replies kept",
+            "prose drift"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
