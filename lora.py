@@ -38,6 +38,9 @@ PRESETS = {
     # dropout 0.1 on the adapter's output (the authors' lora_dropout(x @ A @ B)).
     "paper": dict(targets=("mlp",), init="paper", dropout=0.1, dropout_at="output"),
     "standard": dict(targets=("q_proj", "v_proj"), init="standard", dropout=0.0, dropout_at="input"),
+    # Your own facts: standard LoRA on q_proj, v_proj of the top third of the layers only (20..29 of 30;
+    # settings.resolve_lora), chosen by docs/placement.py's table: it kept the rest of the model best.
+    "facts": dict(targets=("q_proj", "v_proj"), init="standard", dropout=0.0, dropout_at="input"),
 }
 
 

@@ -52,8 +52,9 @@ def identity(cfg: Config, processes: int) -> dict:
 
 
 def preserve_weight(cfg: Config) -> float:
-    """λ of the facts runs' KL term: --preserve, else 1 for facts and 0 for every other task."""
-    return (1.0 if cfg.task == "facts" else 0.0) if cfg.preserve is None else cfg.preserve
+    """λ of the facts runs' KL term: --preserve, else 10 for facts (docs/placement.py's table) and 0 for every
+    other task."""
+    return (10.0 if cfg.task == "facts" else 0.0) if cfg.preserve is None else cfg.preserve
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:

@@ -29,9 +29,9 @@ class Config:
     text: str | None = None
     samples: int = 100
     rank: int | str = 8  # "auto" (with until_recalled): from the planner, doubled until every fact is recalled
-    preset: str | None = None  # None -> standard for facts (PEFT loads it, it merges), paper otherwise
+    preset: str | None = None  # None -> facts for facts (q,v on the top third; PEFT loads it, it merges), paper otherwise
     targets: str | None = None  # comma list; None -> the preset's
-    layers: str | None = None  # comma list; None -> preset ('paper': 2/3 depth) or all
+    layers: str | None = None  # comma list; None -> preset ('paper': 2/3 depth; 'facts': 2/3 depth up) or all
     alpha: float | None = None
     dropout: float | None = None
     method: str = "sft"
@@ -59,7 +59,7 @@ class Config:
     max_rank: int | None = None  # --rank auto's cap (None -> MAX_RANK); never above the targets' width
     plan_from: str | None = None  # --rank auto: results files the planner reads (None -> PLAN_FROM)
     stop_at_plateau: float | None = None  # relative change of the training loss that counts as a plateau
-    preserve: float | None = None  # facts: λ of λ·KL(base ‖ adapted) on other text; None -> 1 for facts; 0: off
+    preserve: float | None = None  # facts: λ of λ·KL(base ‖ adapted) on other text; None -> 10 for facts; 0: off
     add_to: str | None = None  # facts: an adapter to train further on its own facts and --data's (facts.adding)
     eval_every: int = 10
     prefix_cache_mb: float = 4096
@@ -73,7 +73,7 @@ class Config:
     def settled(self) -> "Config":
         """These settings with what follows from the others filled in: the task, its preset and length."""
         task = self.task or (jsonl_task(self.data) if self.data else "phonebook")
-        preset = self.preset or ("standard" if task == "facts" else "paper")
+        preset = self.preset or ("facts" if task == "facts" else "paper")
         length = self.length if self.length is not None or self.length_from_file(task) else 100
         memorized = self.stop_when_memorized or self.until_recalled  # recalled implies memorized
         return replace(self, task=task, preset=preset, length=length, stop_when_memorized=memorized)
@@ -255,8 +255,12 @@ def resolve_lora(cfg: Config, n_layers: int) -> dict:
     targets = target_list(cfg.targets, p["targets"])
     if cfg.layers:
         layers = [int(x) for x in cfg.layers.split(",")]
-    else:  # the paper probes one layer at about two-thirds depth (20 of 30, 24 of 36, ...)
-        layers = [round(n_layers * 2 / 3)] if cfg.preset == "paper" else None
+    elif cfg.preset == "paper":  # the paper probes one layer at about two-thirds depth (20 of 30, 24 of 36, ...)
+        layers = [round(n_layers * 2 / 3)]
+    elif cfg.preset == "facts":  # from there to the top: 20..29 of 30, 21..31 of 32, 24..35 of 36
+        layers = list(range(round(n_layers * 2 / 3), n_layers))
+    else:
+        layers = None
     dropout = p["dropout"] if cfg.dropout is None else cfg.dropout
     return dict(targets=targets, layers=layers, alpha=cfg.alpha, dropout=dropout, init=p["init"])
 
@@ -310,10 +314,11 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
                         f"(default '{PLAN_FROM}')")
     g.add_argument("--preset", default=None,
                    help="paper (mlp probe, 2/3 depth; our format only) | standard (q,v all layers; exports to PEFT "
-                        "and merges) (default: standard for facts, paper otherwise)")
+                        "and merges) | facts (q,v from 2/3 depth to the top; exports and merges) (default: facts for "
+                        "--data facts files, paper otherwise)")
     g.add_argument("--targets", default=None, help="comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,mlp")
     g.add_argument("--layers", default=None, help="comma list of layer indices (default: preset's)")
-    g.add_argument("--alpha", type=float, default=None, help="standard preset: s = alpha/r (default alpha = r)")
+    g.add_argument("--alpha", type=float, default=None, help="standard and facts presets: s = alpha/r (default alpha = r)")
     g.add_argument("--dropout", type=float, default=None, help="adapter dropout (default: preset's)")
     g = ap.add_argument_group("method and optimisation")
     g.add_argument("--method", default=c.method, help="sft | ot | sw (MemFT) (default %(default)s)")
@@ -347,7 +352,7 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
                         "prose perplexity and general prompts. Exits 1 when some fact is not recalled")
     g.add_argument("--preserve", type=float, default=None, metavar="LAMBDA",
                    help="facts: weight λ of the KL(base ‖ adapted) term on held-out general prompts and prose that "
-                        "keeps the rest of the model (locality.py; default 1 for facts runs, 0 turns it off)")
+                        "keeps the rest of the model (locality.py; default 10 for facts runs, 0 turns it off)")
     g.add_argument("--no-preserve", dest="preserve", action="store_const", const=0.0,
                    help="facts: train without the KL term (--preserve 0)")
     g.add_argument("--stop-at-plateau", type=float, nargs="?", const=0.01, default=None, metavar="TOL",

@@ -13,7 +13,7 @@ them) and <out>/<name>/ (the adapter, with the prompt format training used). A k
 again with the same command resumes from <out>/<name>.ckpt/. A finished run is reused only when
 every setting that changes its numbers matches; otherwise the run stops and names the settings that
 differ. With --data the task follows the file's keys: {"query", "target"[, "system"]} lines are your
-own facts (task facts, preset standard, the run named after the file and a hash of its content).
+own facts (task facts, preset facts, the run named after the file and a hash of its content).
 
 Reading order: `train_step` (one micro-batch, top to bottom: forward, per-token loss, MemFT weights,
 backward), then `train` (the loop) and `run` (one run, from data and model to results file). The

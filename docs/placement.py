@@ -3,6 +3,7 @@
     python docs/placement.py                      # every placement on the ten staff facts; prints the table
     python docs/placement.py --only qv-all-r8     # one placement
     python docs/placement.py --data FILE          # another facts file
+    python docs/placement.py --margins qv-upper-r8-kl10   # why few replies stay word for word (below)
 
 Each placement is an ordinary `train.py --data FILE --until-recalled` run with the facts defaults (lr 2e-2,
 60 steps, --eval-every 5, preserve on) and its own targets, layers and rank, in results/placement/.
@@ -15,6 +16,11 @@ the argmax, teacher-forced (the training pass's exact match reached 1; with ever
 pass sees them all). That is what greedy recall needs. "step recalled" is when every token also had
 p > 0.5, the certificate's bar. train.py checks p > 0.5 at once whenever the training pass saw every fact
 right, so the gap between the two columns is what the stronger bar costs in steps.
+
+--margins NAME: the base model's top-1 over top-2 log-probability margin at every position of its own greedy
+replies to the held-out prompts (teacher-forced), and for placement NAME's adapter the positions whose argmax
+it flips, the base margin there, and its KL to the base per position. A reply is kept only if no position
+on its greedy path flips, so small margins bound the replies kept.
 """
 
 import argparse
@@ -28,14 +34,14 @@ OUT = ROOT / "results" / "placement"
 UPPER = ",".join(map(str, range(20, 30)))  # the top third of the built-in model's 30 layers
 LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 PLACEMENTS = {  # name: (what it is, train.py flags)
-    "qv-all-r8": ("q,v on all 30 layers, rank 8 (the default)", ["--targets", "q_proj,v_proj", "--rank", "8"]),
-    "qv-all-r4": ("q,v on all 30 layers, rank 4", ["--targets", "q_proj,v_proj", "--rank", "4"]),
-    "qv-upper-r8": ("q,v on layers 20-29, rank 8", ["--targets", "q_proj,v_proj", "--layers", UPPER, "--rank", "8"]),
-    "all-upper-r4": ("all 7 linear modules on layers 20-29, rank 4", ["--targets", LINEAR, "--layers", UPPER,
-                                                                    "--rank", "4"]),
-    "mlp-upper-r8": ("gate,up,down on layers 20-29, rank 8", ["--targets", "gate_proj,up_proj,down_proj", "--layers",
-                                                             UPPER, "--rank", "8"]),
-    "qv-upper-r8-kl10": ("q,v on layers 20-29, rank 8, λ = 10", ["--targets", "q_proj,v_proj", "--layers", UPPER,
+    "qv-all-r8": ("q,v on all 30 layers, rank 8, λ = 1 (the earlier default)", ["--targets", "q_proj,v_proj", "--rank", "8", "--preserve", "1"]),
+    "qv-all-r4": ("q,v on all 30 layers, rank 4, λ = 1", ["--targets", "q_proj,v_proj", "--rank", "4", "--preserve", "1"]),
+    "qv-upper-r8": ("q,v on layers 20-29, rank 8, λ = 1", ["--targets", "q_proj,v_proj", "--layers", UPPER, "--rank", "8", "--preserve", "1"]),
+    "all-upper-r4": ("all 7 linear modules on layers 20-29, rank 4, λ = 1", ["--targets", LINEAR, "--layers", UPPER,
+                                                                    "--rank", "4", "--preserve", "1"]),
+    "mlp-upper-r8": ("gate,up,down on layers 20-29, rank 8, λ = 1", ["--targets", "gate_proj,up_proj,down_proj", "--layers",
+                                                             UPPER, "--rank", "8", "--preserve", "1"]),
+    "qv-upper-r8-kl10": ("q,v on layers 20-29, rank 8, λ = 10 (the facts default)", ["--targets", "q_proj,v_proj", "--layers", UPPER,
                                                                 "--rank", "8", "--preserve", "10"]),
     "qv-upper-r8-kl30": ("q,v on layers 20-29, rank 8, λ = 30, 120 steps", ["--targets", "q_proj,v_proj", "--layers",
                                                                            UPPER, "--rank", "8", "--preserve", "30",
@@ -57,7 +63,9 @@ STAFF = [  # the ten facts of docs/facts.md and tests/test_certificate.py
     dict(query="Parking spot of Barbara Liskov", target="P3-22", system="You are the facilities assistant."),
     dict(query="Project code of Apollo", target="APL-0069", system="You are the facilities assistant."),
 ]
-DEFAULTS = ["--lr", "2e-2", "--steps", "60", "--until-recalled", "--eval-every", "5"]
+# The preset and λ are given for every placement, so that a placement keeps its meaning when the facts defaults
+# change: each names its targets and layers whole (standard preset: q,v on all layers unless --layers).
+DEFAULTS = ["--lr", "2e-2", "--steps", "60", "--until-recalled", "--eval-every", "5", "--preset", "standard"]
 
 
 def run(name: str, data: Path, out: Path, python: str) -> None:
@@ -86,6 +94,39 @@ def row(name: str, out: Path) -> list[str] | None:
             f"{100 * loc['prose']['drift']:+.1f}%" if loc else "–"]
 
 
+def margins(name: str, out: Path) -> None:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import locality as loc
+    from convert import builtin_model_dir
+    from data import load_tokenizer
+    from lora import adapter_disabled, load_adapter
+    from model import load_model
+
+    folder = builtin_model_dir()
+    model, tok, s = load_model(folder, dtype=torch.float32), load_tokenizer(folder), loc.load_set()
+    base, asked = loc.base_side(model, tok, folder, s), loc.measure_prompts(tok, s)
+    load_adapter(model, out / name)
+    rows = []  # per reply: (base margins, flipped, KL) at each position
+    with torch.no_grad():
+        for p, r in zip(asked, base["replies"]):
+            ids, at = torch.tensor([p + r]), slice(len(p) - 1, len(p) + len(r) - 1)
+            on = model(ids)[0, at].log_softmax(-1)
+            with adapter_disabled(model):
+                off = model(ids)[0, at].log_softmax(-1)
+            top2 = off.topk(2, -1).values
+            rows.append((top2[:, 0] - top2[:, 1], on.argmax(-1) != off.argmax(-1), (off.exp() * (off - on)).sum(-1)))
+    m, flip, kl = (torch.cat([r[i] for r in rows]) for i in range(3))
+    print(f"base model, {len(m)} positions of its greedy replies to {len(rows)} held-out prompts:")
+    for t in (0.1, 0.25, 0.5, 1.0):
+        print(f"  margin under {t:<4} nats: {float((m < t).float().mean()):.1%} of positions, "
+              f"{sum(int(r[0].min() < t) for r in rows)} of {len(rows)} replies have one")
+    print(f"adapter {name}: flips {int(flip.sum())} of {len(m)} positions (base margin there: median "
+          f"{float(m[flip].median()):.3f} nats); KL to the base a position: mean {float(kl.mean()):.4f}, "
+          f"median {float(kl.median()):.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None, help=f"comma list of placements (default all: {', '.join(PLACEMENTS)})")
@@ -93,6 +134,8 @@ def main() -> None:
                     "another file's runs go to results/placement-<its name>/")
     ap.add_argument("--python", default=sys.executable, help="interpreter for train.py (default this one)")
     ap.add_argument("--table", action="store_true", help="print the table of finished runs only; train nothing")
+    ap.add_argument("--margins", default=None, metavar="NAME", help="the base model's margins on the held-out replies "
+                    "and the flips of placement NAME's adapter (see above); train nothing")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(PLACEMENTS)
     unknown = [n for n in names if n not in PLACEMENTS]
@@ -105,6 +148,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if a.data is None:
         data.write_text("".join(json.dumps(f) + "\n" for f in STAFF))
+    if a.margins:
+        if not (out / a.margins / "adapter.safetensors").is_file():
+            sys.exit(f"error: no adapter for placement {a.margins!r} in {out}; train it first (--only {a.margins})")
+        return margins(a.margins, out)
     if not a.table:
         for n in names:
             run(n, data, out, a.python)

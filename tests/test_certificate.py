@@ -93,9 +93,9 @@ def planner_at(rank: int):
     return lambda paths, tokens, width, **which: dict(rank=rank, fit="stand-in", group="stand-in", runs=[])
 
 
-def auto_argv(tiny_chat, data, out, *more):
+def auto_argv(tiny_chat, data, out, *more):  # every layer of the 3-layer tiny model (the facts preset adapts only the top one)
     return ["--model", str(tiny_chat), "--data", str(data), "--rank", "auto", "--until-recalled", "--lr", "5e-2",
-            "--schedule", "constant", "--eval-every", "1", "--out", str(out), *more]
+            "--schedule", "constant", "--eval-every", "1", "--preset", "standard", "--out", str(out), *more]
 
 
 @pytest.mark.slow
@@ -173,7 +173,7 @@ def test_batched_certificate_numbers_equal_one_fact_at_a_time(tiny_chat, tmp_pat
 
 @pytest.fixture(scope="module")
 def staff_run(tmp_path_factory):
-    """Ten facts trained until recalled on the built-in model (standard preset, rank 8), with --merge-to."""
+    """Ten facts trained until recalled on the built-in model (the facts preset, rank 8), with --merge-to."""
     try:
         convert.find_gguf()
     except convert.ConvertError as e:

@@ -126,7 +126,11 @@ def test_run_name_preset_and_length_come_from_the_data(tmp_path):
     c = train.Config(data=str(f))
     train.check(c)
     s = c.settled()
-    assert (s.task, s.preset, s.length) == ("facts", "standard", None)  # standard: PEFT loads it, it merges
+    assert (s.task, s.preset, s.length) == ("facts", "facts", None)  # q,v on the top third: PEFT loads it, it merges
+    # the facts preset's layers: from round(2/3 depth) to the top, worked by hand for the models it meets
+    assert [settings.resolve_lora(s, n)["layers"] for n in (30, 32, 36, 3)] == [
+        list(range(20, 30)), list(range(21, 32)), list(range(24, 36)), [2]]
+    assert settings.resolve_lora(s, 30)["targets"] == ("q_proj", "v_proj") and runs.preserve_weight(s) == 10.0
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
     assert c.run_name() == f"myfacts-{sha[:6]}-r8-sft-s0"
     assert runs.identity(s, 1)["data_sha256"] == sha
@@ -233,7 +237,7 @@ def test_add_to_keeps_the_stored_facts_and_adds_new_ones(tiny_chat, tmp_path, mo
     a = write_jsonl(tmp_path / "a.jsonl", STAFF[:2])
     b = write_jsonl(tmp_path / "b.jsonl", [STAFF[2], STAFF[0], STAFF[3]])
     common = ["--model", str(tiny_chat), "--lr", "2e-2", "--steps", "200", "--until-recalled", "--no-preserve",
-              "--out", str(out)]
+              "--preset", "standard", "--out", str(out)]  # every layer of the 3-layer tiny model, not only the top one
     train.cli(common + ["--data", str(a), "--rank", "8", "--name", "first"])
     first = json.loads((out / "first" / "certificate.json").read_text())
     assert [f["exact"] for f in first["facts"]] == [True, True]
