@@ -14,7 +14,8 @@ For each size the bench writes a facts file of n made-up employee IDs ("Employee
          margins, prose perplexity and general answers with the adapter on and off) is measured on the
          adapter as saved and written.
   peer   what a transformers + PEFT user writes: AutoModelForCausalLM (fp32) + LoraConfig at the rank ours
-         settled on, the same targets (q_proj, v_proj on every layer), alpha = rank, no dropout, the same
+         settled on, the same targets and layers (q_proj, v_proj on the layers ours adapted: the facts preset's
+         20..29 since it became the default; every layer before), alpha = rank, no dropout, the same
          chat-formatted prompts and answer-only loss, AdamW at the same lr (weight decay 0, grad-norm clip
          1.0, linear decay over the same S steps, as ours), batches of the same size in the same order; every
          K steps model.generate (greedy, all facts in one left-padded batch) checks recall, and it stops as
@@ -125,7 +126,7 @@ def run_ours(path: Path, out: Path, lr: float, steps: int, batch: int, every: in
     results = [json.loads((out / f"{a['name']}.json").read_text()) for a in attempts]
     loop = sum(r["time_s"] for r in results)  # the training loops, p > 0.5 checks included
     evals = sum(d - s for s, d in zip(marks["start"], marks["done"])) - loop  # each attempt's final evaluation, save
-    return dict(wall_s=wall, rank=cert["overall"]["rank"], steps=cert["overall"]["steps"],
+    return dict(wall_s=wall, rank=cert["overall"]["rank"], steps=cert["overall"]["steps"], layers=results[-1]["layers"],
                 total_steps=sum(a["steps"] for a in attempts), attempts=[[a["rank"], a["steps"]] for a in attempts],
                 facts_stored=cert["overall"]["facts_stored"], facts=cert["overall"]["facts"],
                 min_prob=cert["overall"]["min_prob"], min_margin=cert["overall"]["min_margin"],
@@ -138,7 +139,7 @@ def run_ours(path: Path, out: Path, lr: float, steps: int, batch: int, every: in
 
 
 def peer_until_recalled(path: Path, model_dir: Path, rank: int, lr: float, steps: int, batch: int, every: int,
-                        seed: int) -> dict:
+                        seed: int, layers: list[int] | None = None) -> dict:
     """A plain transformers + PEFT loop: train, and every `every` steps generate every fact greedily, until all
     come back verbatim (or the `steps` budget ends)."""
     t0 = time.perf_counter()
@@ -148,7 +149,7 @@ def peer_until_recalled(path: Path, model_dir: Path, rank: int, lr: float, steps
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, layers_to_transform=layers,
                                                        target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -206,11 +207,11 @@ def peer_until_recalled(path: Path, model_dir: Path, rank: int, lr: float, steps
 
 
 def run_peer(path: Path, model_dir: Path, rank: int, lr: float, steps: int, batch: int, every: int, seed: int,
-             env: dict) -> dict:
+             env: dict, layers: list[int] | None = None) -> dict:
     """peer_until_recalled in a fresh process, timed from launch to exit like ours."""
     cmd = [sys.executable, __file__, "--peer", str(path), "--model-dir", str(model_dir), "--rank", str(rank),
            "--lr", str(lr), "--steps", str(steps), "--batch-size", str(batch), "--check-every", str(every),
-           "--seed", str(seed)]
+           "--seed", str(seed)] + (["--layers", ",".join(map(str, layers))] if layers else [])
     print(f"peer: transformers + PEFT, rank {rank}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
@@ -244,7 +245,7 @@ def main(sizes: list[int], lr: float, steps: int, batch: int, every: int, seed: 
                 raise SystemExit(f"error: the peer's prompts or answers differ from train.py's for {path.name}")
             ours = run_ours(path, Path(tmp) / f"runs{n}", lr, steps, batch, every, seed, env)
             emit(bench=f"facts/{n}/ours", **rounded(ours), lr=lr, budget=steps, check_every=every)
-            peer = run_peer(path, model_dir, ours["rank"], lr, steps, batch, every, seed, env)
+            peer = run_peer(path, model_dir, ours["rank"], lr, steps, batch, every, seed, env, ours["layers"])
             emit(bench=f"facts/{n}/peer", **rounded(peer), lr=lr, budget=steps, check_every=every,
                  peer="transformers+peft")
             ratio = peer["wall_s"] / ours["wall_s"]
@@ -288,11 +289,13 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the peer's loop on this file
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--layers", default=None, help=argparse.SUPPRESS)  # the peer's: the layers ours adapted
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.peer:
         print(json.dumps(peer_until_recalled(Path(a.peer), Path(a.model_dir), a.rank, a.lr, a.steps, a.batch_size,
-                                             a.check_every, a.seed)))
+                                             a.check_every, a.seed,
+                                             [int(x) for x in a.layers.split(",")] if a.layers else None)))
         sys.exit(0)
     try:
         chosen = [int(x) for x in a.sizes.split(",") if x.strip()]
