@@ -176,7 +176,8 @@ def test_data_parallel_memft_finishes_when_one_share_is_memorised_first(tiny_cha
     collective behind a guard on local data hung here (step 33 of 60 on the code before the fix)."""
     data = _facts(tmp_path / "facts.jsonl", [("Short:", "7"), ("Long one:", "839201746518273645")])
     args = ["--model", str(tiny_chat), "--data", data, "--rank", "8", "--preset", "standard", "--targets",
-            "q_proj,v_proj", "--method", *method, "--steps", "60", "--batch-size", "2", "--lr", "2e-2"]
+            "q_proj,v_proj", "--method", *method, "--steps", "60", "--batch-size", "2", "--lr", "2e-2",
+            "--preserve", "1"]  # λ = 1, the default this test was written for (10 holds the tiny model back)
     one = _train(args, tmp_path / "one")
     two = _train(args, tmp_path / "two", torchrun=True, timeout=180)
     n_sub = [h["n_sub"] for h in one["history"]]
