@@ -360,7 +360,7 @@ def test_the_study_s_results_keep_their_identity_and_facts_record_their_kl_weigh
     facts_file = tmp_path / "f.jsonl"
     facts_file.write_text('{"query": "q", "target": "t"}\n')
     c = train.Config(data=str(facts_file)).settled()
-    assert runs.identity(c, 1)["preserve"] == 1.0
+    assert runs.identity(c, 1)["preserve"] == 10.0  # the facts default (runs.preserve_weight)
     assert runs.identity(train.Config(data=str(facts_file), preserve=0.0).settled(), 1)["preserve"] == 0.0
     assert "preserve" not in runs.identity(train.Config().settled(), 1)
     with pytest.raises(train.RunError, match="--preserve keeps the rest of the model"):
