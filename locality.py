@@ -37,7 +37,7 @@ REPLY_TOKENS = 16  # greedy reply length of both parts, as the certificate's sid
 TOP_K = 32  # base tokens the KL keeps one by one; the rest of the vocabulary is one bucket
 PROSE_PIECE = 48  # the regulariser's prose span is cut into items of this many tokens
 PER_STEP = 3  # regulariser items per optimizer step, in a fixed cycle over the whole part
-WEIGHT = 10.0  # λ of λ·KL(base ‖ adapted), as facts runs default to (runs.preserve_weight)
+WEIGHT = 10.0  # λ of λ·KL(base ‖ adapted) that facts runs default to (runs.preserve_weight returns it)
 VERSION = 1  # of what the cache holds; raise it when the computation changes
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from data import file_sha256
+from locality import WEIGHT
 from lora import atomic_dir, lora_parameters, save_adapter
 from parallel import Processes
 from settings import Config, RunError, check
@@ -52,9 +53,9 @@ def identity(cfg: Config, processes: int) -> dict:
 
 
 def preserve_weight(cfg: Config) -> float:
-    """λ of the facts runs' KL term: --preserve, else 10 for facts (docs/placement.py's table) and 0 for every
-    other task."""
-    return (10.0 if cfg.task == "facts" else 0.0) if cfg.preserve is None else cfg.preserve
+    """λ of the facts runs' KL term: --preserve, else locality.WEIGHT for facts (docs/placement.py's table) and 0
+    for every other task."""
+    return (WEIGHT if cfg.task == "facts" else 0.0) if cfg.preserve is None else cfg.preserve
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
