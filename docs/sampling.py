@@ -10,7 +10,9 @@ no top-p) and counts those that reproduce it exactly, next to Π_t softmax(z_t /
 teacher-forced probability of the whole answer. The two must agree: sampling the answer token by token
 has exactly that probability. That agreement is an identity, a check of the sampler, not evidence
 about memory; the evidence is how small Π p becomes for answers that greedy decoding recalls
-perfectly. Writes results/convergence/sampling.json (atomically), read by docs/report.py. Runs whose
+perfectly. Each run and temperature draws with a sampler seed of its own (sampler_seed), so the sampled
+fractions are independent checks; rows drawn before that (all with seed 0) are drawn again and replaced.
+Writes results/convergence/sampling.json (atomically), read by docs/report.py. Runs whose
 adapter folder is absent (adapters are not committed) are skipped with a line saying so, or with
 --retrain trained again from their recorded settings; the adapter is kept only when the new run ends
 at the same step with the same final loss (to 1e-4 relative: another machine of the same kind adds in
@@ -116,7 +118,9 @@ def retrain(run: dict, folder: Path) -> bool:
 def main(k: int, temperatures: list[float], folder: Path, sample_seeds: set[int], again: bool = False,
          lengths: set[int] | None = None) -> None:
     done = json.loads(OUT.read_text()) if OUT.exists() else dict(rows=[])
-    have = {(r["name"], r["temperature"], r["k"]) for r in done["rows"]}
+    # Sampled rows drawn before each run and temperature had a sampler seed of its own all used seed 0: they are
+    # drawn again, and the new rows replace them.
+    have = {(r["name"], r["temperature"], r["k"]) for r in done["rows"] if not r["k"] or r.get("sampler_seed") is not None}
     for f in sorted(folder.glob("*.json")):
         run = json.loads(f.read_text())
         if not isinstance(run, dict) or run.get("exact_match") != 1.0 or run.get("task") != "longctx":
@@ -131,7 +135,9 @@ def main(k: int, temperatures: list[float], folder: Path, sample_seeds: set[int]
             continue
         if want:
             retrained = (folder / run["name"] / "RETRAINED").exists()
-            done["rows"] += [row | dict(retrained=retrained) for row in measure(run, folder / run["name"], kk, want)]
+            new = [row | dict(retrained=retrained) for row in measure(run, folder / run["name"], kk, want)]
+            drawn = {(r["name"], r["temperature"], r["k"]) for r in new}
+            done["rows"] = [r for r in done["rows"] if (r["name"], r["temperature"], r["k"]) not in drawn] + new
             tmp = OUT.with_suffix(".tmp")
             tmp.write_text(json.dumps(done, indent=1))
             os.replace(tmp, OUT)  # resumable: each finished run is kept
