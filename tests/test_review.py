@@ -51,6 +51,14 @@ def test_boundary_counts_pairs_by_hand(tmp_path):
     assert "| 1 | 30 | OT | 3 of 4 | [0.19, 0.99] | 3 of 4 |" in "\n".join(lines)
     (test,) = [x for x in lines if x.startswith("- rank 1, ℓ = 30, OT")]
     assert "recalled where SFT did not 2, the reverse 1" in test and "1 pairs that both recalled: 0.50" in test
+    # pooled: OT 3 of 4 against SFT 2 of 4, discordant 2 and 1 (sign test over 3: p = 1), difference +1/4, and
+    # the interval from the exact upper bounds on 1 of 4 (only SFT) and 2 of 4 (only OT)
+    (pool,) = [x for x in lines if x.startswith("- OT against SFT, recalled")]
+    lo, hi = review.clopper_pearson(1, 4)[1], review.clopper_pearson(2, 4)[1]
+    assert f"3 of 4 against 2 of 4; only OT 2, only SFT 1, sign test p = 1; difference in rate +0.25, 95% interval " \
+           f"[{-lo:+.2f}, {hi:+.2f}]" in pool
+    (pool,) = [x for x in lines if x.startswith("- OT against SFT, greedy exact")]
+    assert "3 of 4 against 3 of 4; only OT 1, only SFT 1" in pool  # SFT's pair 2 is greedy exact
     # the figure's points: ℓ over the rank's capacity (25 held), the share recalled and its exact interval
     cells = {(1, 30): {m: {i: json.loads((tmp_path / "boundary" / f"{m}-{i}.json").read_text()) for i in range(4)}
                        for m in recalls}, (2, 71): {"sft": {}}}
