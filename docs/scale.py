@@ -1,0 +1,98 @@
+"""Facts at scale: 20, 100 and 1,000 made-up employee IDs stored with the facts defaults (docs/facts.md).
+
+    python docs/scale.py                  # 20 and 100 facts; prints the table
+    python docs/scale.py --sizes 1000     # hours on a 2-core CPU
+    python docs/scale.py --table          # the table of finished runs only
+
+Each size is an ordinary `train.py --data FILE --until-recalled --rank auto` run with the facts defaults
+(the facts preset: q_proj, v_proj on the top third of the layers; λ = 10), and the lr, budget and check
+period of SETTINGS, since a fixed lr and budget do not fit every size. The facts ("Employee ID of <First
+Last>" -> "AB-1234-CD") are bench/facts.py's, seed 0, written to results/facts-scale/facts-N.jsonl. --rank
+auto starts at the rank the planner plans (4 when it cannot) and doubles it while an attempt's budget runs
+out before every fact is recalled. Rerunning reuses finished runs; a killed one resumes from its checkpoint.
+
+The table reads each run's results file and certificate: facts recalled, the rank it settled on and its
+attempts, steps to recall, wall time of every attempt together (training, checks and certificate; measured
+under whatever else shared the CPU), and the certificate's locality on the held-out prompts, adapter on vs off.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "results" / "facts-scale"
+SETTINGS = {  # facts: (lr, steps per attempt, --eval-every); batches of 16 facts, as train.py defaults to
+    20: (2e-2, 200, 5),
+    100: (1e-2, 600, 10),
+    1000: (5e-3, 3000, 60),
+}
+
+
+def run(n: int, python: str) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_facts", ROOT / "bench" / "facts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # bench/facts.py's facts, so that the two measure the same kind
+    data = OUT / f"facts-{n}.jsonl"
+    if not data.is_file():
+        bench.write_facts(data, n, seed=0)
+    lr, steps, every = SETTINGS[n]
+    cmd = [python, str(ROOT / "train.py"), "--data", str(data), "--until-recalled", "--rank", "auto", "--lr", str(lr),
+           "--steps", str(steps), "--eval-every", str(every), "--out", str(OUT), "--name", f"facts-{n}"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode not in (0, 1):  # 1: some fact not recalled, which the table reports
+        sys.exit(f"error: {n} facts stopped with exit code {done.returncode}")
+
+
+def row(n: int) -> list[str] | None:
+    certs = sorted(OUT.glob(f"facts-{n}*/certificate.json"), key=lambda p: p.stat().st_mtime)
+    if not certs:
+        return None
+    c = json.loads(certs[-1].read_text())
+    o, loc = c["overall"], c.get("locality", {})
+    attempts = o.get("attempts", [])
+    runs = [json.loads((OUT / f"{a['name']}.json").read_text()) for a in attempts if (OUT / f"{a['name']}.json").is_file()]
+    last = runs[-1] if runs else {}
+    tries = ", ".join(f"r{a['rank']}: {a['steps']}/{a['budget']}" for a in attempts)
+    lr, _, _ = SETTINGS.get(n, (None, None, None))
+    return [str(n), f"{lr:g}" if lr else "–", tries or "–", f"{o['facts_stored']}/{o['facts']}",
+            f"{last.get('params', 0):,}", f"{sum(r.get('time_s', 0) for r in runs) / 60:.1f}",
+            f"{o['min_prob']:.3f}", f"{loc.get('token_agreement', float('nan')):.3f}",
+            f"{loc.get('replies_kept', '–')}/{loc.get('prompts', '–')}",
+            f"{100 * loc['prose']['drift']:+.1f}%" if loc else "–"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="20,100", help=f"comma list of fact counts (default 20,100; of {', '.join(map(str, SETTINGS))})")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for train.py (default this one)")
+    ap.add_argument("--table", action="store_true", help="print the table of finished runs only; train nothing")
+    a = ap.parse_args()
+    try:
+        sizes = [int(x) for x in a.sizes.split(",")]
+    except ValueError:
+        sys.exit(f"error: --sizes {a.sizes!r} is not a comma list of integers")
+    unknown = [n for n in sizes if n not in SETTINGS]
+    if unknown:
+        sys.exit(f"error: no settings for {unknown[0]} facts; choose from {', '.join(map(str, SETTINGS))}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not a.table:
+        for n in sizes:
+            run(n, a.python)
+    head = ["facts", "lr", "attempts (rank: steps/budget)", "recalled", "params", "minutes", "min p", "token agreement",
+            "replies kept", "prose drift"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for n in sizes:
+        if r := row(n):
+            print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
