@@ -2,6 +2,7 @@
 
     python docs/placement.py                      # every placement on the ten staff facts; prints the table
     python docs/placement.py --only qv-all-r8     # one placement
+    python docs/placement.py --only qv-upper-r4-kl10,qv-upper-r8-kl10 --seeds 0,1,2   # training seeds
     python docs/placement.py --data FILE          # another facts file
     python docs/placement.py --margins qv-upper-r8-kl10   # why few replies stay word for word (below)
 
@@ -46,6 +47,8 @@ PLACEMENTS = {  # name: (what it is, train.py flags)
     "qv-upper-r8-kl30": ("q,v on layers 20-29, rank 8, λ = 30, 120 steps", ["--targets", "q_proj,v_proj", "--layers",
                                                                            UPPER, "--rank", "8", "--preserve", "30",
                                                                            "--steps", "120"]),
+    "qv-upper-r4-kl10": ("q,v on layers 20-29, rank 4, λ = 10", ["--targets", "q_proj,v_proj", "--layers", UPPER,
+                                                               "--rank", "4", "--preserve", "10"]),
     "all-upper-r4-kl10": ("all 7 linear modules on layers 20-29, rank 4, λ = 10", ["--targets", LINEAR, "--layers",
                                                                                  UPPER, "--rank", "4", "--preserve", "10"]),
     "qv-upper-r8-kl100": ("q,v on layers 20-29, rank 8, λ = 100", ["--targets", "q_proj,v_proj", "--layers", UPPER,
@@ -68,17 +71,22 @@ STAFF = [  # the ten facts of docs/facts.md and tests/test_certificate.py
 DEFAULTS = ["--lr", "2e-2", "--steps", "60", "--until-recalled", "--eval-every", "5", "--preset", "standard"]
 
 
-def run(name: str, data: Path, out: Path, python: str) -> None:
-    cmd = [python, str(ROOT / "train.py"), "--data", str(data), *DEFAULTS, *PLACEMENTS[name][1], "--out", str(out),
-           "--name", name]
+def run_name(name: str, seed: int) -> str:
+    """A placement's run: its name, with the training seed as a suffix past seed 0."""
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
+def run(name: str, data: Path, out: Path, python: str, seed: int = 0) -> None:
+    cmd = [python, str(ROOT / "train.py"), "--data", str(data), *DEFAULTS, *PLACEMENTS[name][1], "--seed", str(seed),
+           "--out", str(out), "--name", run_name(name, seed)]
     print("$", " ".join(cmd[1:]), flush=True)
     done = subprocess.run(cmd, cwd=ROOT)
     if done.returncode not in (0, 1):  # 1: some fact not recalled, which the table reports
         sys.exit(f"error: placement {name} stopped with exit code {done.returncode}")
 
 
-def row(name: str, out: Path) -> list[str] | None:
-    res, cert = out / f"{name}.json", out / name / "certificate.json"
+def row(name: str, out: Path, seed: int = 0) -> list[str] | None:
+    res, cert = out / f"{run_name(name, seed)}.json", out / run_name(name, seed) / "certificate.json"
     if not res.is_file() or not cert.is_file():
         return None
     r, c = json.loads(res.read_text()), json.loads(cert.read_text())
@@ -86,7 +94,7 @@ def row(name: str, out: Path) -> list[str] | None:
     steps = r["steps"]
     whole = r["batch_size"] >= r["n_samples"]  # the training pass sees every fact at each step
     greedy = next((h["step"] - 1 for h in r["history"] if h["em"] == 1.0), None) if whole else None
-    return [PLACEMENTS[name][0], f"{r['params']:,}", f"{o['facts_stored']}/{o['facts']}",
+    return [PLACEMENTS[name][0] + (f", seed {seed}" if seed else ""), f"{r['params']:,}", f"{o['facts_stored']}/{o['facts']}",
             str(greedy) if greedy is not None else "not before" if whole else "–",
             f"{r['stopped_at'] or '–'} of {r['budget']}", f"{r['time_s'] / max(steps, 1):.2f}",
             f"{o['min_prob']:.3f}", f"{loc.get('token_agreement', float('nan')):.3f}",
@@ -133,11 +141,17 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="facts file (default: the ten staff facts, written to results/placement/); "
                     "another file's runs go to results/placement-<its name>/")
     ap.add_argument("--python", default=sys.executable, help="interpreter for train.py (default this one)")
+    ap.add_argument("--seeds", default="0", help="comma list of training seeds (adapter init, batch order); a seed "
+                    "past 0 names its run NAME-sN (default 0)")
     ap.add_argument("--table", action="store_true", help="print the table of finished runs only; train nothing")
     ap.add_argument("--margins", default=None, metavar="NAME", help="the base model's margins on the held-out replies "
                     "and the flips of placement NAME's adapter (see above); train nothing")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(PLACEMENTS)
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        sys.exit(f"error: --seeds {a.seeds!r} is not a comma list of integers")
     unknown = [n for n in names if n not in PLACEMENTS]
     if unknown:
         sys.exit(f"error: unknown placement {unknown[0]!r}; choose from {', '.join(PLACEMENTS)}")
@@ -154,8 +168,9 @@ def main() -> None:
         return margins(a.margins, out)
     if not a.table:
         for n in names:
-            run(n, data, out, a.python)
-    rows = [r for n in names if (r := row(n, out))]
+            for seed in seeds:
+                run(n, data, out, a.python, seed)
+    rows = [r for n in names for seed in seeds if (r := row(n, out, seed))]
     head = ["placement", "params", "recalled", "greedy bar", "step recalled", "s/step", "min p", "token agreement", "replies kept",
             "prose drift"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
