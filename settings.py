@@ -28,7 +28,8 @@ class Config:
     data: str | None = None
     text: str | None = None
     samples: int = 100
-    rank: int | str = 8  # "auto" (with until_recalled): from the planner, doubled until every fact is recalled
+    rank: int | str | None = None  # None -> FACTS_RANK under the facts preset, 8 otherwise; "auto" (with until_recalled): from
+    # the planner, doubled until every fact is recalled
     preset: str | None = None  # None -> facts for facts (q,v on the top third; PEFT loads it, it merges), paper otherwise
     targets: str | None = None  # comma list; None -> the preset's
     layers: str | None = None  # comma list; None -> preset ('paper': 2/3 depth; 'facts': 2/3 depth up) or all
@@ -75,8 +76,9 @@ class Config:
         task = self.task or (jsonl_task(self.data) if self.data else "phonebook")
         preset = self.preset or ("facts" if task == "facts" else "paper")
         length = self.length if self.length is not None or self.length_from_file(task) else 100
+        rank = self.rank if self.rank is not None else FACTS_RANK if preset == "facts" else 8
         memorized = self.stop_when_memorized or self.until_recalled  # recalled implies memorized
-        return replace(self, task=task, preset=preset, length=length, stop_when_memorized=memorized)
+        return replace(self, task=task, preset=preset, length=length, rank=rank, stop_when_memorized=memorized)
 
     def length_from_file(self, task: str) -> bool:
         return task == "facts" or (task == "phonebook" and self.data is not None)
@@ -113,6 +115,7 @@ class RunInterrupted(RunError):
 
 
 MAX_RANK = 64  # --rank auto's default cap
+FACTS_RANK = 4  # facts runs' rank unless --rank: docs/placement.py's table (it kept more of the model than 8)
 
 
 PLAN_FROM = "results/**/*.json"  # --rank auto: the results files the planner reads by default
@@ -197,7 +200,7 @@ def warn(line: str) -> None:
 def check_until_recalled(cfg: Config) -> None:
     """--until-recalled and --rank auto: the combinations that make sense, checked before anything loads."""
     auto = cfg.rank == "auto"
-    if not isinstance(cfg.rank, int) and not auto:
+    if not isinstance(cfg.rank, int) and not auto and cfg.rank is not None:
         raise RunError(f"--rank must be a positive integer or auto, got {cfg.rank!r}")
     if auto and not cfg.until_recalled:
         raise RunError("--rank auto grows the rank until every fact is recalled; add --until-recalled")
@@ -305,7 +308,7 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
     g.add_argument("--rank", type=rank_arg, default=c.rank,
                    help="LoRA rank r, or auto with --until-recalled: start from the rank that planner.plan_recall "
                         "plans from --plan-from's runs (rank 4 when it cannot plan) and double it while the budget "
-                        "runs out before every fact is recalled (default %(default)s)")
+                        f"runs out before every fact is recalled (default {FACTS_RANK} under the facts preset, 8 otherwise)")
     g.add_argument("--max-rank", type=int, default=None,
                    help=f"--rank auto: the largest rank to try (default {MAX_RANK}; never above the smallest width "
                         f"of the adapted modules)")

@@ -184,7 +184,7 @@ def staff_run(tmp_path_factory):
     train.cli(["--data", str(f), "--rank", "8", "--lr", "2e-2", "--steps", "60", "--until-recalled",
                "--eval-every", "5", "--out", str(tmp / "runs"), "--merge-to", str(tmp / "merged")])
     print(f"trained and certified in {time.perf_counter() - t0:.1f}s")
-    name = train.Config(data=str(f)).run_name()
+    name = train.Config(data=str(f), rank=8).run_name()
     res = json.loads((tmp / "runs" / f"{name}.json").read_text())
     cert = json.loads((tmp / "runs" / name / facts.CERTIFICATE).read_text())
     targets = [str(r["target"]) for r in STAFF]

@@ -126,16 +126,19 @@ def test_run_name_preset_and_length_come_from_the_data(tmp_path):
     c = train.Config(data=str(f))
     train.check(c)
     s = c.settled()
-    assert (s.task, s.preset, s.length) == ("facts", "facts", None)  # q,v on the top third: PEFT loads it, it merges
+    # q,v on the top third at rank 4 (settings.FACTS_RANK): PEFT loads it, it merges
+    assert (s.task, s.preset, s.length, s.rank) == ("facts", "facts", None, 4)
+    assert train.Config(data=str(f), rank=8).settled().rank == 8  # an explicit rank stays
+    assert train.Config(data=str(f), preset="standard").settled().rank == 8  # rank 4 goes with the facts preset
     # the facts preset's layers: from round(2/3 depth) to the top, worked by hand for the models it meets
     assert [settings.resolve_lora(s, n)["layers"] for n in (30, 32, 36, 3)] == [
         list(range(20, 30)), list(range(21, 32)), list(range(24, 36)), [2]]
     assert settings.resolve_lora(s, 30)["targets"] == ("q_proj", "v_proj") and runs.preserve_weight(s) == 10.0
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
-    assert c.run_name() == f"myfacts-{sha[:6]}-r8-sft-s0"
+    assert c.run_name() == f"myfacts-{sha[:6]}-r4-sft-s0"
     assert runs.identity(s, 1)["data_sha256"] == sha
     f.write_text(f.read_text().replace("AX-7731-QK", "AX-7731-QX"))  # other content: another run
-    assert c.run_name() != f"myfacts-{sha[:6]}-r8-sft-s0" and c.run_name().startswith("myfacts-")
+    assert c.run_name() != f"myfacts-{sha[:6]}-r4-sft-s0" and c.run_name().startswith("myfacts-")
     assert train.Config(data=str(f), preset="paper").settled().preset == "paper"  # an explicit preset stays
     assert train.Config().settled().preset == "paper" and train.Config().run_name() == "phonebook-L100-r8-sft-s0"
     pb = write_jsonl(tmp_path / "book.jsonl", [dict(query="A:", target="1", target_len=1)])
