@@ -4,7 +4,7 @@
     python docs/placement.py --only qv-all-r8     # one placement
     python docs/placement.py --only qv-upper-r4-kl10,qv-upper-r8-kl10 --seeds 0,1,2   # training seeds
     python docs/placement.py --data FILE          # another facts file
-    python docs/placement.py --margins qv-upper-r8-kl10   # why few replies stay word for word (below)
+    python docs/placement.py --margins qv-upper-r4-kl10   # why few replies stay word for word (below)
 
 Each placement is an ordinary `train.py --data FILE --until-recalled` run with the facts defaults (lr 2e-2,
 60 steps, --eval-every 5, preserve on) and its own targets, layers and rank, in results/placement/.
@@ -42,12 +42,12 @@ PLACEMENTS = {  # name: (what it is, train.py flags)
                                                                     "--rank", "4", "--preserve", "1"]),
     "mlp-upper-r8": ("gate,up,down on layers 20-29, rank 8, λ = 1", ["--targets", "gate_proj,up_proj,down_proj", "--layers",
                                                              UPPER, "--rank", "8", "--preserve", "1"]),
-    "qv-upper-r8-kl10": ("q,v on layers 20-29, rank 8, λ = 10 (the facts default)", ["--targets", "q_proj,v_proj", "--layers", UPPER,
+    "qv-upper-r8-kl10": ("q,v on layers 20-29, rank 8, λ = 10 (the facts default before rank 4)", ["--targets", "q_proj,v_proj", "--layers", UPPER,
                                                                 "--rank", "8", "--preserve", "10"]),
     "qv-upper-r8-kl30": ("q,v on layers 20-29, rank 8, λ = 30, 120 steps", ["--targets", "q_proj,v_proj", "--layers",
                                                                            UPPER, "--rank", "8", "--preserve", "30",
                                                                            "--steps", "120"]),
-    "qv-upper-r4-kl10": ("q,v on layers 20-29, rank 4, λ = 10", ["--targets", "q_proj,v_proj", "--layers", UPPER,
+    "qv-upper-r4-kl10": ("q,v on layers 20-29, rank 4, λ = 10 (the facts default)", ["--targets", "q_proj,v_proj", "--layers", UPPER,
                                                                "--rank", "4", "--preserve", "10"]),
     "all-upper-r4-kl10": ("all 7 linear modules on layers 20-29, rank 4, λ = 10", ["--targets", LINEAR, "--layers",
                                                                                  UPPER, "--rank", "4", "--preserve", "10"]),
