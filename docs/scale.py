@@ -52,7 +52,8 @@ def run(n: int, python: str) -> None:
 
 
 def row(n: int) -> list[str] | None:
-    certs = sorted(OUT.glob(f"facts-{n}*/certificate.json"), key=lambda p: p.stat().st_mtime)
+    # each attempt's folder is facts-N-r<rank>; "facts-N*" alone would take 1,000 facts' folders for 100's
+    certs = sorted(OUT.glob(f"facts-{n}-r*/certificate.json"), key=lambda p: p.stat().st_mtime)
     if not certs:
         return None
     c = json.loads(certs[-1].read_text())
@@ -61,8 +62,7 @@ def row(n: int) -> list[str] | None:
     runs = [json.loads((OUT / f"{a['name']}.json").read_text()) for a in attempts if (OUT / f"{a['name']}.json").is_file()]
     last = runs[-1] if runs else {}
     tries = ", ".join(f"r{a['rank']}: {a['steps']}/{a['budget']}" for a in attempts)
-    lr, _, _ = SETTINGS.get(n, (None, None, None))
-    return [str(n), f"{lr:g}" if lr else "–", tries or "–", f"{o['facts_stored']}/{o['facts']}",
+    return [str(n), f"{SETTINGS[n][0]:g}", tries or "–", f"{o['facts_stored']}/{o['facts']}",
             f"{last.get('params', 0):,}", f"{sum(r.get('time_s', 0) for r in runs) / 60:.1f}",
             f"{o['min_prob']:.3f}", f"{loc.get('token_agreement', float('nan')):.3f}",
             f"{loc.get('replies_kept', '–')}/{loc.get('prompts', '–')}",
