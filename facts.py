@@ -97,10 +97,12 @@ def until_recalled(cfg: Config, run_one: Callable[[Config], dict]) -> dict:
         result = run_one(c)
         n, got = len(result["per_sample"]), recalled(result)
         attempts.append(dict(rank=rank, name=result["name"], steps=result["steps"], budget=result["budget"],
+                             **({"recalled_at": result["recalled_at"]} if "recalled_at" in result else {}),
                              facts_recalled=got, facts=n))
         grow = "" if got == n or rank == ranks[-1] else f"; doubling the rank to {ranks[len(attempts)]}"
-        say(f"attempt {len(attempts)}: rank {rank}, {result['steps']} of {result['budget']} steps, {got}/{n} facts "
-            f"recalled{grow}")
+        settled = f" (memorized at step {result['recalled_at']}, then settled)" if result.get("recalled_at") else ""
+        say(f"attempt {len(attempts)}: rank {rank}, {result['steps']} of {result['budget']} steps{settled}, {got}/{n} "
+            f"facts recalled{grow}")
         if got == n:
             break
     adapter = RunFiles(Path(c.out), c.run_name()).adapter
@@ -376,8 +378,9 @@ def print_certificate(cert: dict) -> None:
     print(f"stored: {o['facts_stored']}/{o['facts']} facts, {o['answer_tokens_stored']}/{o['answer_tokens']} answer "
           f"tokens, rank {o['rank']}, {o['params']:,} params, {BITS} = {o[BITS]:.4f}")
     if "attempts" in o:
-        tries = "; ".join(f"rank {a['rank']}: {a['steps']} steps, {a['facts_recalled']}/{a['facts']} recalled"
-                          for a in o["attempts"])
+        tries = "; ".join(f"rank {a['rank']}: {a['steps']} steps"
+                          + (f" (memorized at {a['recalled_at']})" if a.get("recalled_at") else "")
+                          + f", {a['facts_recalled']}/{a['facts']} recalled" for a in o["attempts"])
         print(f"training: {o['steps']} steps, {len(o['attempts'])} attempt{'s' * (len(o['attempts']) > 1)} ({tries})")
     pr = s["prose"]
     print(f"side effects: prose perplexity {pr['perplexity_without_adapter']:.3f} -> "

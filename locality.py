@@ -1,9 +1,6 @@
 """Locality: what storing facts does to the rest of the model, measured on held-out prompts and prose, and
 kept small in training by a KL term to the base model (on by default for task facts).
 
-    python locality.py                  # the KL term's per-step cost against a plain facts step (built-in model)
-    python locality.py --steps 6 --per-step 2
-
     from locality import load_set, measure, preserve, topk_kl
     loc = measure(model, tok, folder, load_set())   # in the certificate: adapter on vs off, held-out part only
 
@@ -344,63 +341,3 @@ def cached(key: dict, compute: Callable[[], tuple[dict[str, torch.Tensor], dict]
             pass
     return tensors, meta
 
-
-# ----------------------------------------------------------------------------- the cost of the term
-
-
-def main(steps: int = 4, per_step: int = PER_STEP) -> None:
-    """The regulariser's per-step cost against a plain facts step: the README's ten facts on the built-in model,
-    rank 8 on q_proj,v_proj of every layer, timed alternately in one process (the median of each)."""
-    import statistics
-    import time
-
-    from convert import resolve_model_dir
-    from data import facts, load_tokenizer
-    from lora import add_lora, lora_parameters
-    from model import load_model
-    from train import MemState, train_step
-
-    rows = [("Employee ID of Ada Lovelace", "AX-7731-QK"), ("Employee ID of Alan Turing", "BT-2290-ZM"),
-            ("Employee ID of Grace Hopper", "GH-5012-PL"), ("Badge code of Katherine Johnson", "KJ-8841-WE"),
-            ("Badge code of Claude Shannon", "CS-3307-RV"), ("Door code of the server room", "480913"),
-            ("Wi-Fi key of the guest network", "maple-orbit-42"), ("Locker number of Edsger Dijkstra", "L-117"),
-            ("Parking spot of Barbara Liskov", "P3-22"), ("Project code of Apollo", "APL-0069")]
-    folder = resolve_model_dir("default")
-    tok = load_tokenizer(folder)
-    data = Path(os.environ.get("TMPDIR", "/tmp")) / f"locality-staff-{os.getpid()}.jsonl"
-    data.write_text("".join(json.dumps(dict(query=q, target=t)) + "\n" for q, t in rows))
-    ex = facts(tok, data).train
-    data.unlink()
-    model = load_model(folder, dtype="fp32")
-    torch.manual_seed(0)
-    add_lora(model, 8, targets=("q_proj", "v_proj"))
-    model.train()
-    t0 = time.perf_counter()
-    reg = preserve(model, tok, folder, tok.pad_id, per_step=per_step)
-    print(f"regulariser built in {time.perf_counter() - t0:.1f}s: {reg.settings()}")
-    plain, extra, state = [], [], MemState()
-    for s in range(steps + 1):  # the first pair warms up
-        t = time.perf_counter()
-        train_step(model, ex, "sft", "sft", tok.pad_id, None, state)
-        t1 = time.perf_counter()
-        kl = reg(model, s)
-        t2 = time.perf_counter()
-        for p in lora_parameters(model):
-            p.grad = None
-        if s:
-            plain.append(t1 - t)
-            extra.append(t2 - t1)
-            print(f"step {s}: plain {t1 - t:.3f}s, KL term {t2 - t1:.3f}s (kl {kl:.4f})")
-    a, b = statistics.median(plain), statistics.median(extra)
-    print(f"per step: plain {a:.3f}s, with the KL term {a + b:.3f}s: {(a + b) / a:.2f}x "
-          f"({torch.get_num_threads()} threads, {len(ex)} facts, {per_step} regulariser items a step)")
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=4, help="timed steps of each kind (default %(default)s)")
-    ap.add_argument("--per-step", type=int, default=PER_STEP, help="regulariser items a step (default %(default)s)")
-    a = ap.parse_args()
-    main(a.steps, a.per_step)

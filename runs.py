@@ -35,7 +35,8 @@ NOT_IDENTITY = ("out", "name", "overwrite", "save_every", "prefix_cache_mb", "ac
                 "merge_to", "until_recalled", "max_rank", "plan_from")
 
 
-LATER = {"preserve": None, "add_to": None}  # settings added after the study's results were written: left out at their default
+LATER = {"preserve": None, "add_to": None, "settle": False}  # settings added after the study's results were written:
+# left out at their default (settle: as settled, off unless a facts run with the KL term)
 
 
 def identity(cfg: Config, processes: int) -> dict:
@@ -361,6 +362,7 @@ def write_results(files: RunFiles, model: torch.nn.Module, result: dict, adapter
     print(f"done: ΔL = {r['delta_loss']:.4f} (L_init {r['loss_init']:.4f} -> {r['loss_final']:.4f}), "
           f"token acc {r['token_acc']:.3f}, exact match {r['exact_match']:.3f}, stubborn {r['stubborn']}, {recall}"
           + (f", stopped at step {stop} ({r['stop_reason']})" if stop is not None else "")
+          + (f", memorized at step {r['recalled_at']} and settled to step {r['steps']}" if r.get("recalled_at") else "")
           + (f", held-out EM {r['heldout_exact_match']:.3f}" if "heldout_exact_match" in r else "")
           + f" | {r['time_s']:.1f}s -> {files.result}")
     if "mlp" in r["targets"]:

@@ -57,6 +57,7 @@ class Config:
     compile: bool = False
     stop_when_memorized: bool = False
     until_recalled: bool = False  # facts: stop once memorized, confirm with the decoder, write certificate.json
+    settle: bool | None = None  # once memorized, train on to the end of the budget; None -> on for facts with the KL term
     max_rank: int | None = None  # --rank auto's cap (None -> MAX_RANK); never above the targets' width
     plan_from: str | None = None  # --rank auto: results files the planner reads (None -> PLAN_FROM)
     stop_at_plateau: float | None = None  # relative change of the training loss that counts as a plateau
@@ -78,7 +79,9 @@ class Config:
         length = self.length if self.length is not None or self.length_from_file(task) else 100
         rank = self.rank if self.rank is not None else FACTS_RANK if preset == "facts" else 8
         memorized = self.stop_when_memorized or self.until_recalled  # recalled implies memorized
-        return replace(self, task=task, preset=preset, length=length, rank=rank, stop_when_memorized=memorized)
+        settle = self.settle if self.settle is not None else task == "facts" and memorized and self.preserve != 0
+        return replace(self, task=task, preset=preset, length=length, rank=rank, stop_when_memorized=memorized,
+                       settle=settle)
 
     def length_from_file(self, task: str) -> bool:
         return task == "facts" or (task == "phonebook" and self.data is not None)
@@ -209,6 +212,9 @@ def check_until_recalled(cfg: Config) -> None:
             raise RunError(f"{flag} applies to --rank auto only; drop it or use --rank auto --until-recalled")
     if cfg.plan_from is not None and not cfg.plan_from.strip():
         raise RunError("--plan-from takes a glob of results files, e.g. 'results/**/*.json'")
+    if cfg.settle and not (cfg.until_recalled or cfg.stop_when_memorized):
+        raise RunError("--settle trains on after every answer is memorized; add --until-recalled (facts) or "
+                       "--stop-when-memorized")
     if cfg.until_recalled and not cfg.decode:
         raise RunError("--until-recalled confirms recall with the decoder; drop --no-decode")
 
@@ -353,9 +359,16 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
                         "(--steps is the budget of each attempt), then write certificate.json beside the adapter: "
                         "per fact exact or not, smallest p and margin; rank, params, bits; the side effects on "
                         "prose perplexity and general prompts. Exits 1 when some fact is not recalled")
+    g.add_argument("--settle", action=argparse.BooleanOptionalAction, default=None,
+                   help="once every answer token has p > 0.5, record the step and train on to the end of the budget "
+                        "(--steps), the lr decaying to 0, so that the KL term pulls the rest of the model back; the "
+                        "answers are checked again at the end (default: on for facts runs with --until-recalled and "
+                        "the KL term; --no-settle stops at recall)")
     g.add_argument("--preserve", type=float, default=None, metavar="LAMBDA",
-                   help="facts: weight λ of the KL(base ‖ adapted) term on held-out general prompts and prose that "
-                        "keeps the rest of the model (locality.py; default 10 for facts runs, 0 turns it off)")
+                   help="facts: weight λ of the KL(base ‖ adapted) term on general prompts and prose (the "
+                        "regularisation part of assets/locality.json, disjoint from the part the certificate "
+                        "measures) that keeps the rest of the model (locality.py; default 10 for facts runs, 0 "
+                        "turns it off)")
     g.add_argument("--no-preserve", dest="preserve", action="store_const", const=0.0,
                    help="facts: train without the KL term (--preserve 0)")
     g.add_argument("--stop-at-plateau", type=float, nargs="?", const=0.01, default=None, metavar="TOL",

@@ -199,13 +199,13 @@ def train(t: Trainer) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     state = MemState()
     total = len(t.plan)
-    step, history, elapsed, stopped_at, saved_at, reason, snaps = 0, [], 0.0, None, None, None, []
+    step, history, elapsed, stopped_at, saved_at, reason, snaps, recalled_at = 0, [], 0.0, None, None, None, [], None
     saved = find_checkpoint(t.files.ckpt)
     if saved is not None:
         refuse_other_settings(saved.get("settings"), t.settings, t.files.ckpt)
         st = load_checkpoint(t.files.ckpt, model, opt, procs)
         step, history, elapsed, stopped_at = st["step"], st["history"], st["elapsed"], st["stopped_at"]
-        reason, snaps = st["stop_reason"], st["snapshots"]
+        reason, snaps, recalled_at = st["stop_reason"], st["snapshots"], st.get("recalled_at")
         state.load_state_dict(st["memft"])
         saved_at = step
         say(f"resuming {t.files.name} from step {step}/{total}")
@@ -215,16 +215,20 @@ def train(t: Trainer) -> dict:
     def checkpoint(now: float) -> None:
         save_checkpoint(t.files.ckpt, model, opt, dict(settings=t.settings, step=step, history=history,
                                                        elapsed=now - t0, stopped_at=stopped_at, stop_reason=reason,
-                                                       snapshots=snaps, memft=state.state_dict()), procs)
+                                                       snapshots=snaps, recalled_at=recalled_at,
+                                                       memft=state.state_dict()), procs)
 
     model.train()
     t0 = time.perf_counter() - elapsed
     t_loop, step0 = time.perf_counter(), step
     with StopRequest() as stop:
         while step < total and stopped_at is None:
-            if cfg.stop_when_memorized and memorized(model, t.examples, t.pad, t.prefix, state, step, cfg.eval_every):
-                stopped_at, reason = step, "memorized"
-                break
+            if cfg.stop_when_memorized and recalled_at is None and memorized(model, t.examples, t.pad, t.prefix, state,
+                                                                             step, cfg.eval_every):
+                recalled_at = step
+                if not cfg.settle:  # --settle trains on to the budget's end, where the lr reaches 0: with the
+                    stopped_at, reason = step, "memorized"  # KL term, the rest of the model is pulled back
+                    break
             if cfg.stop_at_plateau and plateaued(history, step, cfg.eval_every, cfg.stop_at_plateau):
                 stopped_at, reason = step, "plateau"
                 break
@@ -271,8 +275,8 @@ def train(t: Trainer) -> dict:
                 saved_at = step
     if saved_at != step or stopped_at is not None:  # evaluation can be interrupted too: keep the trained state
         checkpoint(time.perf_counter())
-    return dict(steps=step, stopped_at=stopped_at, stop_reason=reason or "budget", snapshots=snaps, history=history,
-                time_s=time.perf_counter() - t0)
+    return dict(steps=step, stopped_at=stopped_at, stop_reason=reason or "budget", recalled_at=recalled_at,
+                snapshots=snaps, history=history, time_s=time.perf_counter() - t0)
 
 
 def plateaued(history: list[dict], step: int, every: int, tol: float) -> bool:
@@ -412,7 +416,8 @@ def run(cfg: Config, method: str, procs: Processes, files: RunFiles, settings: d
                   method_flavour=method, rank=cfg.rank, params=n_params, length=task.length,
                   answer_tokens=sum(len(e.answer) for e in ex), noise=task.noise, seed=cfg.seed,
                   data_seed=cfg.seed_of_data, steps=trained["steps"], budget=len(plan),
-                  stopped_at=trained["stopped_at"], stop_reason=trained["stop_reason"], schedule=cfg.schedule,
+                  stopped_at=trained["stopped_at"], stop_reason=trained["stop_reason"],
+                  **({"recalled_at": trained["recalled_at"]} if cfg.settle else {}), schedule=cfg.schedule,
                   paper_schedule=cfg.paper_schedule, targets=list(lcfg["targets"]),
                   layers=layers, preset=cfg.preset, lr=cfg.lr, batch_size=cfg.batch_size,
                   grad_accum=cfg.grad_accum, epochs=None if cfg.steps is not None else cfg.epochs,

@@ -47,8 +47,15 @@ PLACEMENTS = {  # name: (what it is, train.py flags)
     "qv-upper-r8-kl30": ("q,v on layers 20-29, rank 8, λ = 30, 120 steps", ["--targets", "q_proj,v_proj", "--layers",
                                                                            UPPER, "--rank", "8", "--preserve", "30",
                                                                            "--steps", "120"]),
-    "qv-upper-r4-kl10": ("q,v on layers 20-29, rank 4, λ = 10 (the facts default)", ["--targets", "q_proj,v_proj", "--layers", UPPER,
-                                                               "--rank", "4", "--preserve", "10"]),
+    "qv-upper-r4-kl10": ("q,v on layers 20-29, rank 4, λ = 10, stopped at recall (the facts default before "
+                         "settling)", ["--targets", "q_proj,v_proj", "--layers", UPPER, "--rank", "4", "--preserve", "10"]),
+    "qv-upper-r4-kl10-settle": ("q,v on layers 20-29, rank 4, λ = 10, settled to step 60 (the facts default)",
+                                ["--targets", "q_proj,v_proj", "--layers", UPPER, "--rank", "4", "--preserve", "10",
+                                 "--settle"]),
+    "qv-upper-r4-kl10-settle120": ("q,v on layers 20-29, rank 4, λ = 10, settled to step 120", ["--targets", "q_proj,v_proj",
+                                   "--layers", UPPER, "--rank", "4", "--preserve", "10", "--settle", "--steps", "120"]),
+    "qv-upper-r4-kl30-settle": ("q,v on layers 20-29, rank 4, λ = 30, settled to step 60", ["--targets", "q_proj,v_proj",
+                                "--layers", UPPER, "--rank", "4", "--preserve", "30", "--settle"]),
     "all-upper-r4-kl10": ("all 7 linear modules on layers 20-29, rank 4, λ = 10", ["--targets", LINEAR, "--layers",
                                                                                  UPPER, "--rank", "4", "--preserve", "10"]),
     "qv-upper-r8-kl100": ("q,v on layers 20-29, rank 8, λ = 100", ["--targets", "q_proj,v_proj", "--layers", UPPER,
@@ -68,7 +75,8 @@ STAFF = [  # the ten facts of docs/facts.md and tests/test_certificate.py
 ]
 # The preset and λ are given for every placement, so that a placement keeps its meaning when the facts defaults
 # change: each names its targets and layers whole (standard preset: q,v on all layers unless --layers).
-DEFAULTS = ["--lr", "2e-2", "--steps", "60", "--until-recalled", "--eval-every", "5", "--preset", "standard"]
+DEFAULTS = ["--lr", "2e-2", "--steps", "60", "--until-recalled", "--eval-every", "5", "--preset", "standard",
+            "--no-settle"]  # the placements that settle say so (--settle, after this: the last one counts)
 
 
 def run_name(name: str, seed: int) -> str:
@@ -96,7 +104,7 @@ def row(name: str, out: Path, seed: int = 0) -> list[str] | None:
     greedy = next((h["step"] - 1 for h in r["history"] if h["em"] == 1.0), None) if whole else None
     return [PLACEMENTS[name][0] + (f", seed {seed}" if seed else ""), f"{r['params']:,}", f"{o['facts_stored']}/{o['facts']}",
             str(greedy) if greedy is not None else "not before" if whole else "–",
-            f"{r['stopped_at'] or '–'} of {r['budget']}", f"{r['time_s'] / max(steps, 1):.2f}",
+            f"{r.get('recalled_at') or r['stopped_at'] or '–'} of {r['budget']}", f"{r['time_s'] / max(steps, 1):.2f}",
             f"{o['min_prob']:.3f}", f"{loc.get('token_agreement', float('nan')):.3f}",
             f"{loc.get('replies_kept', '–')}/{loc.get('prompts', '–')}",
             f"{100 * loc['prose']['drift']:+.1f}%" if loc else "–"]

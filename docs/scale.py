@@ -11,8 +11,8 @@ Last>" -> "AB-1234-CD") are bench/facts.py's, seed 0, written to results/facts-s
 auto starts at the rank the planner plans (4 when it cannot) and doubles it while an attempt's budget runs
 out before every fact is recalled. Rerunning reuses finished runs; a killed one resumes from its checkpoint.
 
-The table reads each run's results file and certificate: facts recalled, the rank it settled on and its
-attempts, steps to recall, wall time of every attempt together (training, checks and certificate; measured
+The table reads each run's results file and certificate: facts recalled, the rank it ended at and its
+attempts, steps to recall (an attempt that recalled then settles to the end of its budget), wall time of every attempt together (training, checks and certificate; measured
 under whatever else shared the CPU), and the certificate's locality on the held-out prompts, adapter on vs off.
 """
 
@@ -61,7 +61,8 @@ def row(n: int) -> list[str] | None:
     attempts = o.get("attempts", [])
     runs = [json.loads((OUT / f"{a['name']}.json").read_text()) for a in attempts if (OUT / f"{a['name']}.json").is_file()]
     last = runs[-1] if runs else {}
-    tries = ", ".join(f"r{a['rank']}: {a['steps']}/{a['budget']}" for a in attempts)
+    tries = ", ".join(f"r{a['rank']}: {a.get('recalled_at') or a['steps']}/{a['budget']}"
+                      + (", settled" if a.get("recalled_at") else "") for a in attempts)
     return [str(n), f"{SETTINGS[n][0]:g}", tries or "–", f"{o['facts_stored']}/{o['facts']}",
             f"{last.get('params', 0):,}", f"{sum(r.get('time_s', 0) for r in runs) / 60:.1f}",
             f"{o['min_prob']:.3f}", f"{loc.get('token_agreement', float('nan')):.3f}",
@@ -86,7 +87,7 @@ def main() -> None:
     if not a.table:
         for n in sizes:
             run(n, a.python)
-    head = ["facts", "lr", "attempts (rank: steps/budget)", "recalled", "params", "minutes", "min p", "token agreement",
+    head = ["facts", "lr", "attempts (rank: steps to recall/budget)", "recalled", "params", "minutes", "min p", "token agreement",
             "replies kept", "prose drift"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for n in sizes:

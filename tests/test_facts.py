@@ -143,12 +143,20 @@ def test_run_name_preset_and_length_come_from_the_data(tmp_path):
     assert train.Config().settled().preset == "paper" and train.Config().run_name() == "phonebook-L100-r8-sft-s0"
     pb = write_jsonl(tmp_path / "book.jsonl", [dict(query="A:", target="1", target_len=1)])
     assert re.fullmatch(r"phonebook-book-[0-9a-f]{6}-r8-sft-s0", train.Config(data=str(pb)).run_name())
+    # settling after recall: on for facts runs that stop at recall with the KL term, and part of their identity
+    recall = train.Config(data=str(f), until_recalled=True)
+    assert recall.settled().settle and runs.identity(recall.settled(), 1)["settle"] is True
+    assert not train.Config(data=str(f), until_recalled=True, preserve=0.0).settled().settle  # nothing pulls back
+    assert not train.Config(data=str(f), until_recalled=True, settle=False).settled().settle
+    assert not s.settle and "settle" not in runs.identity(s, 1)  # no stop, nothing to settle: as before settling
+    assert not train.Config(task="phonebook", stop_when_memorized=True).settled().settle
 
 
 REFUSED = {
     "length": (["--data", "{facts}", "--length", "50"], "--length does not apply to --data"),
     "lengths": (["--data", "{facts}", "--lengths", "50,100"], "--length does not apply to --data"),
     "no data": (["--task", "facts"], "--task facts needs --data FILE"),
+    "settle without a stop": (["--data", "{facts}", "--settle"], "--settle trains on after every answer is memorized"),
     "merge mlp": (["--data", "{facts}", "--preset", "paper", "--merge-to", "{out}/m"], "--preset standard"),
     "merge targets": (["--data", "{facts}", "--targets", "mlp", "--merge-to", "{out}/m"], "--preset standard"),
     "merge over a folder": (["--data", "{facts}", "--merge-to", "{folder}"], "is not a merged model written by"),

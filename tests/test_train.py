@@ -130,6 +130,38 @@ def test_memorizes_small_phonebook_exactly(tiny_chat, tmp_path):
     assert all(min(s["probs"]) > 0.5 for s in res["per_sample"])
 
 
+def test_settle_trains_on_to_the_budget_after_the_same_steps_as_a_stopped_run(tiny_chat, tmp_path, monkeypatch, capsys):
+    kw = dict(task="phonebook", length=20, rank=4, preset="standard", targets=ALL_LINEAR, lr=1e-2, steps=40,
+              stop_when_memorized=True, eval_every=1, save_every=1, name="r")
+    stopped = run(tiny_chat, tmp_path / "stopped", **kw)
+    at = stopped["stopped_at"]
+    assert stopped["stop_reason"] == "memorized" and at is not None and at < 36 and "recalled_at" not in stopped
+    settled = run(tiny_chat, tmp_path / "settled", settle=True, **kw)
+    assert settled["recalled_at"] == at and settled["steps"] == 40 and settled["stopped_at"] is None
+    assert [h["loss"] for h in settled["history"][:at]] == [h["loss"] for h in stopped["history"]]
+    assert settled["history"][-1]["lr"] < settled["history"][at]["lr"]  # on to the end of the linear decay
+    assert settled["exact_match"] == 1.0 and settled["stubborn"] == 0  # still memorized at the end
+    assert f"memorized at step {at} and settled to step 40" in capsys.readouterr().out
+
+    real_save = train.save_checkpoint  # killed while settling: the resumed run keeps the step it memorized at
+
+    def save_then_die(path, model, opt, state, procs):
+        real_save(path, model, opt, state, procs)
+        if state["step"] >= at + 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run(tiny_chat, out, settle=True, **kw)
+    resumed = run(tiny_chat, out, settle=True, **kw)
+    assert resumed["recalled_at"] == at
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in settled["history"]]
+    assert (out / "r" / "adapter.safetensors").read_bytes() == \
+        (tmp_path / "settled" / "r" / "adapter.safetensors").read_bytes()
+
+
 RESUME_CASES = {
     # MemFT-SW on long context carries a SlidingState (anchor, still count, expansion E) per sample; with
     # ℓ = 60 > W = 50 a lost E (back to 1) would change the weights of the last answer tokens.
