@@ -7,6 +7,7 @@ impossible settings before anything is loaded.
 train.py's `cli` parses the command line here; every other module takes a Config.
 """
 
+import argparse
 import math
 import os
 import sys
@@ -290,10 +291,16 @@ def with_paper_schedule(cfg: Config, method: str, length: int) -> tuple[Config, 
         p["boundaries"]
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type of the tools' comma lists of integers (docs/placement.py --seeds, docs/scale.py --sizes, ...)."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+
+
 def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
     """train.py's command line (`doc`: its docstring, the help's description and examples) -> (settings, sweep lists)."""
-    import argparse
-
     c = Config()
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -420,8 +427,6 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
 
 def rank_arg(text: str) -> int | str:
     """--rank: an integer, or 'auto'."""
-    import argparse
-
     if text == "auto":
         return text
     try:

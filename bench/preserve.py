@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # first: bench/
 
 import torch
 from common import emit, matmul_peak_gflops
+from settings import int_list
 
 STAFF = [("Employee ID of Ada Lovelace", "AX-7731-QK"), ("Employee ID of Alan Turing", "BT-2290-ZM"),
          ("Employee ID of Grace Hopper", "GH-5012-PL"), ("Badge code of Katherine Johnson", "KJ-8841-WE"),
@@ -36,14 +37,11 @@ STAFF = [("Employee ID of Ada Lovelace", "AX-7731-QK"), ("Employee ID of Alan Tu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--per-step", default="3,44", help="comma list of regulariser items a step (default %(default)s; "
+    ap.add_argument("--per-step", type=int_list, default="3,44", help="comma list of regulariser items a step (default %(default)s; "
                     "3 is the default, 44 the whole regularisation part)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps of each kind per setting (default %(default)s)")
     a = ap.parse_args()
-    try:
-        per_steps = [int(x) for x in a.per_step.split(",")]
-    except ValueError:
-        sys.exit(f"error: --per-step {a.per_step!r} is not a comma list of integers")
+    per_steps = a.per_step
     if a.steps < 1 or min(per_steps) < 1:
         sys.exit("error: --steps and every --per-step must be 1 or more")
 

@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from settings import int_list  # noqa: E402
 OUT = ROOT / "results" / "placement"
 UPPER = ",".join(map(str, range(20, 30)))  # the top third of the built-in model's 30 layers
 LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -113,7 +115,6 @@ def row(name: str, out: Path, seed: int = 0) -> list[str] | None:
 def margins(name: str, out: Path) -> None:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     import locality as loc
     from convert import builtin_model_dir
     from data import load_tokenizer
@@ -149,17 +150,14 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="facts file (default: the ten staff facts, written to results/placement/); "
                     "another file's runs go to results/placement-<its name>/")
     ap.add_argument("--python", default=sys.executable, help="interpreter for train.py (default this one)")
-    ap.add_argument("--seeds", default="0", help="comma list of training seeds (adapter init, batch order); a seed "
+    ap.add_argument("--seeds", type=int_list, default="0", help="comma list of training seeds (adapter init, batch order); a seed "
                     "past 0 names its run NAME-sN (default 0)")
     ap.add_argument("--table", action="store_true", help="print the table of finished runs only; train nothing")
     ap.add_argument("--margins", default=None, metavar="NAME", help="the base model's margins on the held-out replies "
                     "and the flips of placement NAME's adapter (see above); train nothing")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(PLACEMENTS)
-    try:
-        seeds = [int(x) for x in a.seeds.split(",")]
-    except ValueError:
-        sys.exit(f"error: --seeds {a.seeds!r} is not a comma list of integers")
+    seeds = a.seeds
     unknown = [n for n in names if n not in PLACEMENTS]
     if unknown:
         sys.exit(f"error: unknown placement {unknown[0]!r}; choose from {', '.join(PLACEMENTS)}")

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+from settings import int_list  # noqa: E402
 OUT = ROOT / "results" / "facts-scale"
 SETTINGS = {  # facts: (lr, steps per attempt, --eval-every); batches of 16 facts, as train.py defaults to
     20: (2e-2, 200, 5),
@@ -72,14 +73,11 @@ def row(n: int) -> list[str] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="20,100", help=f"comma list of fact counts (default 20,100; of {', '.join(map(str, SETTINGS))})")
+    ap.add_argument("--sizes", type=int_list, default="20,100", help=f"comma list of fact counts (default 20,100; of {', '.join(map(str, SETTINGS))})")
     ap.add_argument("--python", default=sys.executable, help="interpreter for train.py (default this one)")
     ap.add_argument("--table", action="store_true", help="print the table of finished runs only; train nothing")
     a = ap.parse_args()
-    try:
-        sizes = [int(x) for x in a.sizes.split(",")]
-    except ValueError:
-        sys.exit(f"error: --sizes {a.sizes!r} is not a comma list of integers")
+    sizes = a.sizes
     unknown = [n for n in sizes if n not in SETTINGS]
     if unknown:
         sys.exit(f"error: no settings for {unknown[0]} facts; choose from {', '.join(map(str, SETTINGS))}")
