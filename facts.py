@@ -100,7 +100,7 @@ def until_recalled(cfg: Config, run_one: Callable[[Config], dict]) -> dict:
                              **({"recalled_at": result["recalled_at"]} if "recalled_at" in result else {}),
                              facts_recalled=got, facts=n))
         grow = "" if got == n or rank == ranks[-1] else f"; doubling the rank to {ranks[len(attempts)]}"
-        settled = f" (memorized at step {result['recalled_at']}, then settled)" if result.get("recalled_at") else ""
+        settled = f" (memorized at step {result['recalled_at']}, then settled)" if result.get("recalled_at") is not None else ""
         say(f"attempt {len(attempts)}: rank {rank}, {result['steps']} of {result['budget']} steps{settled}, {got}/{n} "
             f"facts recalled{grow}")
         if got == n:
@@ -379,7 +379,7 @@ def print_certificate(cert: dict) -> None:
           f"tokens, rank {o['rank']}, {o['params']:,} params, {BITS} = {o[BITS]:.4f}")
     if "attempts" in o:
         tries = "; ".join(f"rank {a['rank']}: {a['steps']} steps"
-                          + (f" (memorized at {a['recalled_at']})" if a.get("recalled_at") else "")
+                          + (f" (memorized at {a['recalled_at']})" if a.get("recalled_at") is not None else "")
                           + f", {a['facts_recalled']}/{a['facts']} recalled" for a in o["attempts"])
         print(f"training: {o['steps']} steps, {len(o['attempts'])} attempt{'s' * (len(o['attempts']) > 1)} ({tries})")
     pr = s["prose"]

@@ -362,7 +362,7 @@ def write_results(files: RunFiles, model: torch.nn.Module, result: dict, adapter
     print(f"done: ΔL = {r['delta_loss']:.4f} (L_init {r['loss_init']:.4f} -> {r['loss_final']:.4f}), "
           f"token acc {r['token_acc']:.3f}, exact match {r['exact_match']:.3f}, stubborn {r['stubborn']}, {recall}"
           + (f", stopped at step {stop} ({r['stop_reason']})" if stop is not None else "")
-          + (f", memorized at step {r['recalled_at']} and settled to step {r['steps']}" if r.get("recalled_at") else "")
+          + (f", memorized at step {r['recalled_at']}" if r.get("recalled_at") is not None else "")
           + (f", held-out EM {r['heldout_exact_match']:.3f}" if "heldout_exact_match" in r else "")
           + f" | {r['time_s']:.1f}s -> {files.result}")
     if "mlp" in r["targets"]:

@@ -58,7 +58,7 @@ class Config:
     compile: bool = False
     stop_when_memorized: bool = False
     until_recalled: bool = False  # facts: stop once memorized, confirm with the decoder, write certificate.json
-    settle: bool | None = None  # once memorized, train on to the end of the budget; None -> on for facts with the KL term
+    settle: bool | None = None  # once memorized, train as long again, lr annealed to 0; None -> on for facts with the KL term
     max_rank: int | None = None  # --rank auto's cap (None -> MAX_RANK); never above the targets' width
     plan_from: str | None = None  # --rank auto: results files the planner reads (None -> PLAN_FROM)
     stop_at_plateau: float | None = None  # relative change of the training loss that counts as a plateau
@@ -367,10 +367,10 @@ def parse(argv: list[str] | None, doc: str) -> tuple[Config, dict]:
                         "per fact exact or not, smallest p and margin; rank, params, bits; the side effects on "
                         "prose perplexity and general prompts. Exits 1 when some fact is not recalled")
     g.add_argument("--settle", action=argparse.BooleanOptionalAction, default=None,
-                   help="once every answer token has p > 0.5, record the step and train on to the end of the budget "
-                        "(--steps), the lr decaying to 0, so that the KL term pulls the rest of the model back; the "
-                        "answers are checked again at the end (default: on for facts runs with --until-recalled and "
-                        "the KL term; --no-settle stops at recall)")
+                   help="once every answer token has p > 0.5 (at step S), record S and train as many steps again "
+                        "(to 2S, within --steps), the lr going linearly from its value at S to 0, so that the KL term "
+                        "pulls the rest of the model back; the answers are checked again at the end (default: on for "
+                        "facts runs with --until-recalled and the KL term; --no-settle stops at S)")
     g.add_argument("--preserve", type=float, default=None, metavar="LAMBDA",
                    help="facts: weight λ of the KL(base ‖ adapted) term on general prompts and prose (the "
                         "regularisation part of assets/locality.json, disjoint from the part the certificate "

@@ -86,9 +86,18 @@ def schedule(n: int, cfg: Config, method: str, length: int,
     return [batches[s * per_step : (s + 1) * per_step] for s in range(total)]
 
 
-def learning_rate(cfg: Config, step: int, total: int) -> float:
-    """AdamW's lr at `step` of `total`: constant, or linear decay to 0 (the paper), no warmup either way."""
+def learning_rate(cfg: Config, step: int, total: int, recalled_at: int | None = None) -> float:
+    """AdamW's lr at `step` of `total`: constant, or linear decay to 0 (the paper), no warmup either way.
+    Settling (--settle, from `recalled_at` to settle_end): from the lr at recall linearly down to 0."""
+    if cfg.settle and recalled_at is not None:
+        end = settle_end(recalled_at, total)
+        return learning_rate(cfg, recalled_at, total) * (end - step) / (end - recalled_at)
     return cfg.lr if cfg.schedule == "constant" else cfg.lr * (1 - step / total)
+
+
+def settle_end(recalled_at: int, total: int) -> int:
+    """--settle: as many steps again as it took to memorize, within the budget."""
+    return min(total, 2 * recalled_at)
 
 
 # ----------------------------------------------------------------------------- one training step
@@ -226,13 +235,16 @@ def train(t: Trainer) -> dict:
             if cfg.stop_when_memorized and recalled_at is None and memorized(model, t.examples, t.pad, t.prefix, state,
                                                                              step, cfg.eval_every):
                 recalled_at = step
-                if not cfg.settle:  # --settle trains on to the budget's end, where the lr reaches 0: with the
-                    stopped_at, reason = step, "memorized"  # KL term, the rest of the model is pulled back
+                if not cfg.settle:
+                    stopped_at, reason = step, "memorized"
                     break
+            if cfg.settle and recalled_at is not None and step == settle_end(recalled_at, total):
+                stopped_at, reason = step, "settled"  # the lr annealed to 0: with the KL term, the rest of
+                break                                  # the model has been pulled back
             if cfg.stop_at_plateau and plateaued(history, step, cfg.eval_every, cfg.stop_at_plateau):
                 stopped_at, reason = step, "plateau"
                 break
-            lr = learning_rate(cfg, step, total)
+            lr = learning_rate(cfg, step, total, recalled_at)
             for g in opt.param_groups:
                 g["lr"] = lr
             micro = t.plan[step]

@@ -131,17 +131,20 @@ def test_memorizes_small_phonebook_exactly(tiny_chat, tmp_path):
 
 
 def test_settle_trains_on_to_the_budget_after_the_same_steps_as_a_stopped_run(tiny_chat, tmp_path, monkeypatch, capsys):
-    kw = dict(task="phonebook", length=20, rank=4, preset="standard", targets=ALL_LINEAR, lr=1e-2, steps=40,
+    kw = dict(task="phonebook", length=20, rank=4, preset="standard", targets=ALL_LINEAR, lr=1e-2, steps=80,
               stop_when_memorized=True, eval_every=1, save_every=1, name="r")
     stopped = run(tiny_chat, tmp_path / "stopped", **kw)
     at = stopped["stopped_at"]
-    assert stopped["stop_reason"] == "memorized" and at is not None and at < 36 and "recalled_at" not in stopped
+    assert stopped["stop_reason"] == "memorized" and at is not None and 2 * at < 80 and "recalled_at" not in stopped
     settled = run(tiny_chat, tmp_path / "settled", settle=True, **kw)
-    assert settled["recalled_at"] == at and settled["steps"] == 40 and settled["stopped_at"] is None
+    assert settled["recalled_at"] == at and settled["steps"] == settled["stopped_at"] == 2 * at
+    assert settled["stop_reason"] == "settled"
     assert [h["loss"] for h in settled["history"][:at]] == [h["loss"] for h in stopped["history"]]
-    assert settled["history"][-1]["lr"] < settled["history"][at]["lr"]  # on to the end of the linear decay
+    # as many steps again, the lr from its value at step `at` (1e-2 · (1 − at/80)) linearly down to 0, by hand
+    assert [h["lr"] for h in settled["history"][at:]] == pytest.approx(
+        [1e-2 * (1 - at / 80) * (2 * at - k) / at for k in range(at, 2 * at)], rel=1e-12)
     assert settled["exact_match"] == 1.0 and settled["stubborn"] == 0  # still memorized at the end
-    assert f"memorized at step {at} and settled to step 40" in capsys.readouterr().out
+    assert f"stopped at step {2 * at} (settled), memorized at step {at}" in capsys.readouterr().out
 
     real_save = train.save_checkpoint  # killed while settling: the resumed run keeps the step it memorized at
 
