@@ -47,7 +47,7 @@ def identity(cfg: Config, processes: int) -> dict:
     data = {"data_sha256": file_sha256(cfg.data)} if cfg.data else {}
     if cfg.add_to:  # the adapter it starts from, by content
         data["add_to_sha256"] = file_sha256(Path(cfg.add_to) / "adapter.safetensors")
-    same = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY and not (k in LATER and v == LATER[k])}
+    same = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY and not (k in LATER and v in (None, LATER[k]))}
     if cfg.task == "facts":
         same["preserve"] = preserve_weight(cfg)
     return same | {"processes": processes} | data
