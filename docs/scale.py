@@ -12,7 +12,7 @@ auto starts at the rank the planner plans (4 when it cannot) and doubles it whil
 out before every fact is recalled. Rerunning reuses finished runs; a killed one resumes from its checkpoint.
 
 The table reads each run's results file and certificate: facts recalled, the rank it ended at and its
-attempts, steps to recall (an attempt that recalled then settles to the end of its budget), wall time of every attempt together (training, checks and certificate; measured
+attempts, steps to recall (an attempt that recalled at step S settles to 2S within its budget), wall time of every attempt together (training, checks and certificate; measured
 under whatever else shared the CPU), and the certificate's locality on the held-out prompts, adapter on vs off.
 """
 
