@@ -294,6 +294,41 @@ def pooled(cells: dict, method: str, bar, name: str) -> str:
             f"in rate {(up - down) / n:+.2f}, 95% interval [{-hi(down):+.2f}, {hi(up):+.2f}]")
 
 
+def method_capacity(folder: Path, seeds: tuple = (0, 1)) -> list[str]:
+    """Each method's own capacity at the ranks where a MemFT method was bisected (docs/capacity.py --method):
+    stage 7's definition, over the grid, the probes and stage 10's runs at data seed 0: the longest ℓ that
+    every one of `seeds` recalls exactly by the decoder, the shortest ℓ that one of them does not, and the
+    steps each seed took to recall at the longest held ℓ."""
+    runs = [json.loads(f.read_text()) for sub in ("", "capacity", "boundary") for f in sorted((folder / sub).glob("*.json"))]
+    runs = [r for r in runs if r.get("task") == "longctx" and r.get("noise") == 1.0 and r.get("data_seed") == 0
+            and r.get("budget") == 2000 and r.get("schedule") == "constant" and not r.get("paper_schedule")
+            and r["seed"] in seeds]
+    rows = []
+    for rank in sorted({r["rank"] for r in runs if r["method"] != "sft"}):
+        for m in ("sft", "ot", "sw"):
+            at: dict = {}
+            for r in runs:
+                if r["rank"] == rank and r["method"] == m:
+                    at.setdefault(r["length"], {})[r["seed"]] = r
+            if m != "sft" and len(at) < 2:  # stage 10's single length alone brackets nothing
+                continue
+            held = [L for L, got in at.items() if len(got) == len(seeds) and all(x["exact_match"] == 1.0 for x in got.values())]
+            lost = [L for L, got in at.items() if any(x["exact_match"] < 1.0 for x in got.values())]
+            best = max(held, default=None)
+            steps = "–" if best is None else ", ".join(str(at[best][s]["stopped_at"] or at[best][s]["steps"]) for s in seeds)
+            rows.append([rank, m.upper(), best or "–", min(lost, default="–"), steps,
+                         ", ".join(str(L) for L in sorted(at))])
+    if not any(row[1] != "SFT" for row in rows):
+        return []
+    return ["MemFT's own capacity, found by bisection as SFT's was in stage 7 (`python docs/capacity.py --rank 1,2 "
+            "--method sw`): the longest ℓ that training seeds 0 and 1 both recall exactly by the decoder within the "
+            "2000 steps, the shortest ℓ that one of them does not (one seed's run decides a loss), at data seed 0; "
+            "stage 10's runs count as probes. A rank whose method has not yet bracketed its capacity is still "
+            "being bisected.", "",
+            cv.table(["rank", "method", "longest ℓ held", "shortest ℓ lost", "steps to recall at the held ℓ (seeds 0, 1)",
+                      "lengths run"], rows), ""]
+
+
 def boundary(folder: Path, figures: Path | None = None) -> list[str]:
     """Stage 10: SFT, OT and SW at the lost length and inside the bracket of ranks 1, 2, 4: per arm the share
     of runs that recall exactly (exact binomial interval), the paired differences over (training seed, data
@@ -353,7 +388,7 @@ def boundary(folder: Path, figures: Path | None = None) -> list[str]:
             "Pooled over every boundary cell, pairs counted once each. The interval on the difference in rate "
             "(MemFT − SFT) runs from minus the exact upper 97.5% bound on the share of pairs where only SFT "
             "succeeded to plus that bound on the share where only MemFT did: conservative, and never empty when no "
-            "pair differs.", "", *[v for v in verdict if v], ""]
+            "pair differs.", "", *[v for v in verdict if v], "", *method_capacity(folder)]
 
 
 def report(folder: Path, figures: Path | None = None) -> list[str]:

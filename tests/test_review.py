@@ -66,3 +66,32 @@ def test_boundary_counts_pairs_by_hand(tmp_path):
     assert [p[:2] for p in points["sft"]] == [(1.2, 0.5)] and [p[:2] for p in points["ot"]] == [(1.2, 0.75)]
     assert points["ot"][0][2:] == review.clopper_pearson(3, 4)
     assert review.boundary_figure(points, tmp_path).endswith("(boundary.png)") and (tmp_path / "boundary.png").stat().st_size
+
+
+def test_method_capacity_by_hand(tmp_path):
+    """SFT holds ℓ = 25 (both seeds) and loses 30; SW holds 25 (steps 100, 200), has run 27 with one seed only
+    (neither held nor lost) and loses 30 in the boundary folder; a data-seed-1 loss at 25 does not count."""
+    import json
+
+    for sub in ("capacity", "boundary"):
+        (tmp_path / sub).mkdir()
+
+    def run(sub, m, L, seed, exact, step=None, data_seed=0):
+        r = dict(task="longctx", noise=1.0, data_seed=data_seed, budget=2000, schedule="constant", rank=1, length=L,
+                 method=m, seed=seed, exact_match=1.0 if exact else 0.9, stopped_at=step, steps=step or 2000)
+        (tmp_path / sub / f"{m}-{L}-{seed}-{data_seed}.json").write_text(json.dumps(r))
+
+    for seed in (0, 1):
+        run("", "sft", 25, seed, True, 300)
+        run("capacity", "sw", 25, seed, True, 100 * (seed + 1))
+    run("", "sft", 30, 0, False)
+    run("capacity", "sw", 27, 0, True, 500)
+    run("boundary", "sw", 30, 1, False)
+    run("boundary", "sw", 25, 0, False, data_seed=1)
+    lines = "\n".join(review.method_capacity(tmp_path))
+    assert "| 1 | SFT | 25 | 30 | 300, 300 | 25, 30 |" in lines
+    assert "| 1 | SW | 25 | 30 | 100, 200 | 25, 27, 30 |" in lines
+    only = tmp_path / "one"  # SW at one length only (stage 10's runs, no probe yet) brackets nothing
+    only.mkdir()
+    (only / "sw.json").write_text((tmp_path / "boundary" / "sw-30-1-0.json").read_text())
+    assert review.method_capacity(only) == []
