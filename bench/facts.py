@@ -16,11 +16,17 @@ For each size the bench writes a facts file of n made-up employee IDs ("Employee
   peer   what a transformers + PEFT user writes: AutoModelForCausalLM (fp32) + LoraConfig at the rank ours
          settled on, the same targets and layers (q_proj, v_proj on the layers ours adapted: the facts preset's
          20..29 since it became the default; every layer before), alpha = rank, no dropout, the same
-         chat-formatted prompts and answer-only loss, AdamW at the same lr (weight decay 0, grad-norm clip
-         1.0, linear decay over the same S steps, as ours), batches of the same size in the same order; every
-         K steps model.generate (greedy, all facts in one left-padded batch) checks recall, and it stops as
-         soon as every reply is the target verbatim.
-One JSON line per side and size, one comparing them (ratio = peer_s / ours_s: above 1, ours certifies sooner),
+         chat-formatted prompts and answer-only loss, AdamW (weight decay 0, grad-norm clip 1.0, linear decay
+         over the same S steps, as ours), batches of the same size in the same order; every K steps
+         model.generate (greedy, all facts in one left-padded batch) checks recall, and it stops as soon as
+         every reply is the target verbatim. It runs at each lr of --peer-lrs (three by default), and its best
+         (the fastest to recall every fact) is the one compared.
+Locality, not timed: ours from its certificate; the peer's adapter (save_pretrained) is put onto our model
+and measured the same way (locality.measure: the held-out prompts and prose, adapter on vs off), after our
+decoder has recalled the facts the peer's generate recalled.
+One JSON line per side and size, one comparing them (ratio = peer_s / ours_s: above 1, ours certifies sooner;
+ratio_to_recall uses ours' time to the line saying every fact is recalled, the certificate's measures after it
+left out, as the peer has none),
 and the fp32 matmul peak measured before and after in the same run, to read the absolute times against.
 A table goes to stderr at the end, with the training progress of both sides as it happens.
 
@@ -39,8 +45,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The project's modules first: this file shares its name with the project's facts.py, which train.py
+# imports, and Python puts this script's folder at the front of the path. bench/ (common.py) goes last.
+BENCH = Path(__file__).resolve().parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH] + [str(BENCH)]
 
 import torch
 from common import emit, matmul_peak_gflops
@@ -130,7 +138,7 @@ def run_ours(path: Path, out: Path, lr: float, steps: int, batch: int, every: in
                 total_steps=sum(a["steps"] for a in attempts), attempts=[[a["rank"], a["steps"]] for a in attempts],
                 facts_stored=cert["overall"]["facts_stored"], facts=cert["overall"]["facts"],
                 min_prob=cert["overall"]["min_prob"], min_margin=cert["overall"]["min_margin"],
-                start_s=marks["start"][0], train_loop_s=loop, final_eval_s=evals,
+                start_s=marks["start"][0], train_loop_s=loop, final_eval_s=evals, recall_s=marks["attempt"][-1],
                 certificate_s=marks["certificate"][-1] - marks["attempt"][-1],
                 per_step_s=loop / max(1, sum(a["steps"] for a in attempts)))
 
@@ -139,9 +147,10 @@ def run_ours(path: Path, out: Path, lr: float, steps: int, batch: int, every: in
 
 
 def peer_until_recalled(path: Path, model_dir: Path, rank: int, lr: float, steps: int, batch: int, every: int,
-                        seed: int, layers: list[int] | None = None) -> dict:
+                        seed: int, layers: list[int] | None = None, save: Path | None = None) -> dict:
     """A plain transformers + PEFT loop: train, and every `every` steps generate every fact greedily, until all
-    come back verbatim (or the `steps` budget ends)."""
+    come back verbatim (or the `steps` budget ends). The adapter goes to `save` (PEFT's save_pretrained) after
+    the clock stops, for the locality measure."""
     t0 = time.perf_counter()
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
@@ -202,23 +211,75 @@ def peer_until_recalled(path: Path, model_dir: Path, rank: int, lr: float, steps
             if got == len(ex):
                 break
     end = time.perf_counter()
+    if save is not None:
+        model.save_pretrained(save)
     return dict(steps=step, facts_recalled=got, facts=len(ex), start_s=t_ready - t0, train_s=end - t_ready - check_s,
                 check_s=check_s, checks=step // every + (step % every > 0), per_step_s=(end - t_ready - check_s) / step)
 
 
 def run_peer(path: Path, model_dir: Path, rank: int, lr: float, steps: int, batch: int, every: int, seed: int,
-             env: dict, layers: list[int] | None = None) -> dict:
+             env: dict, layers: list[int] | None = None, save: Path | None = None) -> dict:
     """peer_until_recalled in a fresh process, timed from launch to exit like ours."""
     cmd = [sys.executable, __file__, "--peer", str(path), "--model-dir", str(model_dir), "--rank", str(rank),
            "--lr", str(lr), "--steps", str(steps), "--batch-size", str(batch), "--check-every", str(every),
-           "--seed", str(seed)] + (["--layers", ",".join(map(str, layers))] if layers else [])
-    print(f"peer: transformers + PEFT, rank {rank}", file=sys.stderr, flush=True)
+           "--seed", str(seed)] + (["--layers", ",".join(map(str, layers))] if layers else []) \
+        + (["--save", str(save)] if save else [])
+    print(f"peer: transformers + PEFT, rank {rank}, lr {lr:g}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"error: the transformers + PEFT loop exited {r.returncode} on {path.name}")
-    return dict(wall_s=wall, rank=rank, **json.loads(r.stdout.strip().splitlines()[-1]))
+    return dict(wall_s=wall, rank=rank, lr=lr, **json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def best_peer(runs: list[dict]) -> dict:
+    """The peer's best lr: the fastest run that recalled every fact, else the one that recalled most."""
+    return min(runs, key=lambda r: (r["facts"] - r["facts_recalled"], r["wall_s"]))
+
+
+# ----------------------------------------------------------------------------- locality, not timed
+
+
+def peer_locality(path: Path, saved: Path, rank: int, layers: list[int]) -> dict:
+    """The certificate's locality measure (locality.measure: held-out prompts and prose, adapter on vs off) of
+    the peer's adapter, put onto our model: PEFT's key <module>.lora_A.weight is our <module>.lora_A, alpha =
+    rank is our scale 1. Refused unless our decoder recalls the facts the peer recalled, so a key that failed
+    to load cannot pass for a harmless adapter."""
+    from safetensors.torch import load_file
+
+    from data import facts, load_tokenizer
+    from eval import first_failures
+    from locality import measure
+    from lora import add_lora, lora_state_dict
+    from model import load_model
+
+    folder = builtin_dir()
+    model = load_model(folder)
+    add_lora(model, rank, ("q_proj", "v_proj"), layers)
+    peft = load_file(str(saved / "adapter_model.safetensors"))
+    ours = {k[len("base_model.model."):-len(".weight")]: v for k, v in peft.items()}
+    if set(ours) != set(lora_state_dict(model)):
+        raise SystemExit(f"error: the peer's adapter keys do not map onto ours: {sorted(set(ours) ^ set(lora_state_dict(model)))[:3]}")
+    missing = model.load_state_dict(ours, strict=False).missing_keys
+    assert not [k for k in missing if "lora_" in k], missing
+    model.eval()
+    tok = load_tokenizer("default")
+    ex = facts(tok, path).train
+    recalled = sum(f == len(e.answer) for f, e in zip(first_failures(model, ex), ex))
+    return dict(recalled_by_ours=recalled, **summary(measure(model, tok, folder)))
+
+
+def summary(loc: dict) -> dict:
+    """The locality figures the table shows."""
+    return dict(token_agreement=loc["token_agreement"], replies_kept=loc["replies_kept"], prompts=loc["prompts"],
+                prose_drift=loc["prose"]["drift"])
+
+
+def builtin_dir() -> Path:
+    from convert import builtin_model_dir
+
+    return builtin_model_dir()
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -228,11 +289,10 @@ def rounded(row: dict) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
 
 
-def main(sizes: list[int], lr: float, steps: int, batch: int, every: int, seed: int, threads: int) -> None:
+def main(sizes: list[int], lr: float, steps: int, batch: int, every: int, seed: int, threads: int,
+         peer_lrs: list[float]) -> None:
     torch.set_num_threads(threads)
-    from convert import builtin_model_dir
-
-    model_dir = builtin_model_dir()
+    model_dir = builtin_dir()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     peak0 = matmul_peak_gflops()
     emit(bench="facts/matmul_peak", when="before", n=2048, gflops=round(peak0, 1), threads=threads)
@@ -245,14 +305,31 @@ def main(sizes: list[int], lr: float, steps: int, batch: int, every: int, seed: 
                 raise SystemExit(f"error: the peer's prompts or answers differ from train.py's for {path.name}")
             ours = run_ours(path, Path(tmp) / f"runs{n}", lr, steps, batch, every, seed, env)
             emit(bench=f"facts/{n}/ours", **rounded(ours), lr=lr, budget=steps, check_every=every)
-            peer = run_peer(path, model_dir, ours["rank"], lr, steps, batch, every, seed, env, ours["layers"])
-            emit(bench=f"facts/{n}/peer", **rounded(peer), lr=lr, budget=steps, check_every=every,
-                 peer="transformers+peft")
+            tries = []
+            for plr in peer_lrs:  # the peer at each lr; its best is the one compared
+                save = Path(tmp) / f"peer{n}-{plr:g}"
+                tries.append(run_peer(path, model_dir, ours["rank"], plr, steps, batch, every, seed, env,
+                                      ours["layers"], save) | dict(saved=save))
+                emit(bench=f"facts/{n}/peer-lr", **rounded({k: v for k, v in tries[-1].items() if k != "saved"}),
+                     budget=steps, check_every=every)
+            peer = best_peer(tries)
+            cert = json.loads(sorted((Path(tmp) / f"runs{n}").glob("*/certificate.json"))[-1].read_text())
+            ours["locality"] = summary(cert["locality"])
+            peer["locality"] = peer_locality(path, peer.pop("saved"), ours["rank"], ours["layers"])
+            for t in tries:
+                t.pop("saved", None)
+            if peer["locality"]["recalled_by_ours"] != peer["facts_recalled"]:
+                raise SystemExit(f"error: our decoder recalls {peer['locality']['recalled_by_ours']} of the peer's "
+                                 f"facts, generate {peer['facts_recalled']}: the adapter did not carry over")
+            emit(bench=f"facts/{n}/peer", **rounded(peer), budget=steps, check_every=every, peer="transformers+peft",
+                 lrs_tried=peer_lrs)
             ratio = peer["wall_s"] / ours["wall_s"]
             done = peer["facts_recalled"] == n
             emit(bench=f"facts/{n}/compare", facts=n, ours_s=round(ours["wall_s"], 1), peer_s=round(peer["wall_s"], 1),
-                 ratio=round(ratio, 3), peer_recalled_all=done, ours_rank=ours["rank"], peer_rank=peer["rank"],
-                 ours_steps=ours["steps"], ours_total_steps=ours["total_steps"], peer_steps=peer["steps"], goal=3.0)
+                 ratio=round(ratio, 3), ours_recall_s=round(ours["recall_s"], 1),
+                 ratio_to_recall=round(peer["wall_s"] / ours["recall_s"], 3), peer_recalled_all=done, ours_rank=ours["rank"], peer_rank=peer["rank"],
+                 ours_steps=ours["steps"], ours_total_steps=ours["total_steps"], peer_steps=peer["steps"],
+                 peer_lr=peer["lr"], ours_locality=ours["locality"], peer_locality=peer["locality"], goal=3.0)
             rows.append((n, ours, peer, ratio, done))
     peak1 = matmul_peak_gflops()
     emit(bench="facts/matmul_peak", when="after", n=2048, gflops=round(peak1, 1), threads=threads)
@@ -260,13 +337,19 @@ def main(sizes: list[int], lr: float, steps: int, batch: int, every: int, seed: 
     print(f"\nfacts -> certified exact recall, built-in model, fp32, {threads} threads, lr {lr:g}, batch {batch}, "
           f"budget {steps} steps, checks every {every} steps; fp32 2048² matmul peak {peak0:.0f} GFLOP/s before, "
           f"{peak1:.0f} after", file=sys.stderr)
-    print(f"{'facts':>5}  {'ours':>8}  {'peer':>8}  {'ratio':>6}  {'ours steps (attempts)':<24}  {'peer steps':>10}  "
-          f"{'rank':>4}", file=sys.stderr)
+    print(f"{'facts':>5}  {'ours':>8}  {'peer':>8}  {'ratio':>6}  {'ours to recall':>14}  {'ratio':>6}  "
+          f"{'ours steps (attempts)':<24}  {'peer steps':>10}  {'rank':>4}", file=sys.stderr)
     for n, o, p, ratio, done in rows:
         att = ", ".join(f"r{r}: {s}" for r, s in o["attempts"])
         peer_steps = f"{p['steps']}" + ("" if done else f" ({p['facts_recalled']}/{n})")
-        print(f"{n:>5}  {o['wall_s']:>7.1f}s  {p['wall_s']:>7.1f}s  {ratio:>5.2f}×  {o['steps']:>3} ({att})".ljust(60)
+        print(f"{n:>5}  {o['wall_s']:>7.1f}s  {p['wall_s']:>7.1f}s  {ratio:>5.2f}×  {o['recall_s']:>13.1f}s  "
+              f"{p['wall_s'] / o['recall_s']:>5.2f}×  {o['steps']:>3} ({att})".ljust(82)
               + f"  {peer_steps:>10}  {o['rank']:>4}", file=sys.stderr)
+    for n, o, p, _, _ in rows:
+        for side, x in (("ours", o), (f"peer (lr {p['lr']:g})", p)):
+            loc = x["locality"]
+            print(f"{n:>5} facts, {side} locality (held out): token agreement {loc['token_agreement']:.3f}, replies "
+                  f"kept {loc['replies_kept']}/{loc['prompts']}, prose drift {loc['prose_drift']:+.1%}", file=sys.stderr)
     for n, o, p, _, _ in rows:
         print(f"{n:>5} facts, ours: start {o['start_s']:.1f}s, training {o['train_loop_s']:.1f}s "
               f"({o['per_step_s']:.2f}s/step, checks included), final evaluation {o['final_eval_s']:.1f}s, "
@@ -285,22 +368,31 @@ if __name__ == "__main__":
     ap.add_argument("--batch-size", type=int, default=16, help="both sides (default %(default)s, train.py's)")
     ap.add_argument("--check-every", type=int, default=10, help="k: ours' --eval-every, and the peer's generate "
                                                                 "period (default %(default)s)")
+    ap.add_argument("--peer-lrs", default="5e-3,1e-2,2e-2", help="the peer runs at each; the fastest to recall "
+                                                                   "every fact is compared (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="facts, adapter init and batch order")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer", default=None, help=argparse.SUPPRESS)  # internal: run the peer's loop on this file
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--layers", default=None, help=argparse.SUPPRESS)  # the peer's: the layers ours adapted
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--save", default=None, help=argparse.SUPPRESS)  # the peer's: where its adapter goes
     a = ap.parse_args()
     if a.peer:
         print(json.dumps(peer_until_recalled(Path(a.peer), Path(a.model_dir), a.rank, a.lr, a.steps, a.batch_size,
                                              a.check_every, a.seed,
-                                             [int(x) for x in a.layers.split(",")] if a.layers else None)))
+                                             [int(x) for x in a.layers.split(",")] if a.layers else None,
+                                             Path(a.save) if a.save else None)))
         sys.exit(0)
     try:
         chosen = [int(x) for x in a.sizes.split(",") if x.strip()]
     except ValueError:
         sys.exit(f"error: --sizes must be a comma list of whole numbers, got {a.sizes!r}")
-    if not chosen or min(chosen) <= 0 or a.steps <= 0 or a.batch_size <= 0 or a.check_every <= 0 or a.lr <= 0:
-        sys.exit("error: --sizes, --steps, --batch-size, --check-every and --lr must be positive")
-    main(chosen, a.lr, a.steps, a.batch_size, a.check_every, a.seed, a.threads)
+    try:
+        peer_lrs = [float(x) for x in a.peer_lrs.split(",") if x.strip()]
+    except ValueError:
+        sys.exit(f"error: --peer-lrs must be a comma list of numbers, got {a.peer_lrs!r}")
+    if not chosen or min(chosen) <= 0 or a.steps <= 0 or a.batch_size <= 0 or a.check_every <= 0 or a.lr <= 0 \
+            or not peer_lrs or min(peer_lrs) <= 0:
+        sys.exit("error: --sizes, --steps, --batch-size, --check-every, --lr and --peer-lrs must be positive")
+    main(chosen, a.lr, a.steps, a.batch_size, a.check_every, a.seed, a.threads, peer_lrs)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from settings import int_list  # noqa: E402
 OUT = ROOT / "results" / "placement"
 UPPER = ",".join(map(str, range(20, 30)))  # the top third of the built-in model's 30 layers
+TOP5 = ",".join(map(str, range(25, 30)))  # its top sixth
 LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 PLACEMENTS = {  # name: (what it is, train.py flags)
     "qv-all-r8": ("q,v on all 30 layers, rank 8, λ = 1 (the earlier default)", ["--targets", "q_proj,v_proj", "--rank", "8", "--preserve", "1"]),
@@ -54,6 +55,9 @@ PLACEMENTS = {  # name: (what it is, train.py flags)
     "qv-upper-r4-kl10-settle": ("q,v on layers 20-29, rank 4, λ = 10, settled as long again (the facts default)",
                                 ["--targets", "q_proj,v_proj", "--layers", UPPER, "--rank", "4", "--preserve", "10",
                                  "--settle"]),
+    "qv-top5-r4-kl10-settle": ("q,v on layers 25-29, rank 4, λ = 10, settled as long again within the 60 steps",
+                               ["--targets", "q_proj,v_proj", "--layers", TOP5, "--rank", "4", "--preserve", "10",
+                                "--settle"]),
     "all-upper-r4-kl10": ("all 7 linear modules on layers 20-29, rank 4, λ = 10", ["--targets", LINEAR, "--layers",
                                                                                  UPPER, "--rank", "4", "--preserve", "10"]),
     "qv-upper-r8-kl100": ("q,v on layers 20-29, rank 8, λ = 100", ["--targets", "q_proj,v_proj", "--layers", UPPER,
