@@ -286,7 +286,9 @@ def builtin_dir() -> Path:
 
 
 def rounded(row: dict) -> dict:
-    return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+    """Floats to 2 decimals, small ones (an lr) to 3 significant digits."""
+    return {k: (round(v, 2) if abs(v) >= 0.1 else float(f"{v:.3g}")) if isinstance(v, float) else v
+            for k, v in row.items()}
 
 
 def main(sizes: list[int], lr: float, steps: int, batch: int, every: int, seed: int, threads: int,
