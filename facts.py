@@ -18,12 +18,12 @@ from typing import Callable
 import torch
 
 from convert import resolve_model_dir
-from data import (PROSE, DataError, Example, Tokenizer, chat_prompt, facts, file_sha256, load_tokenizer,
+from data import (DataError, Example, Tokenizer, facts, file_sha256, load_tokenizer,
                   numbered_facts, read_facts)
 from eval import same_length_batches
 from locality import DEFINITIONS as LOCALITY_DEFINITIONS
 from locality import measure, replies
-from lora import (PRESETS, adapted_width, adapter_disabled, adapter_settings, atomic_dir, load_adapter, lora_parameters,
+from lora import (PRESETS, adapted_width, adapter_settings, atomic_dir, load_adapter, lora_parameters,
                   merge, unwrapped_state_dict)
 from model import ModelArgs, Transformer, load_model, read_config
 from parallel import Processes
@@ -312,30 +312,17 @@ def fact_reports(model: Transformer, tok: Tokenizer, examples: list[Example], ro
     return out
 
 
-@torch.no_grad()
-def perplexity(model: Transformer, ids: list[int]) -> float:
-    """exp(mean next-token cross-entropy) over `ids`."""
-    x = torch.tensor([ids], device=model.lm_head.weight.device)
-    logits = model(x[:, :-1])[0].float()  # (T-1, V)
-    return math.exp(float(torch.nn.functional.cross_entropy(logits, x[0, 1:])))
-
-
-def side_effects(model: Transformer, tok: Tokenizer, prose_tokens: int = 256,
-                 prompts: Sequence[str] = GENERAL_PROMPTS, max_new_tokens: int = 16) -> dict:
-    """What storing the facts costs the model: prose perplexity and general greedy answers, adapter on and off."""
-    ids = tok.encode(PROSE.read_text())[:prose_tokens]
-    asked = [chat_prompt(tok, q, None) for q in prompts]  # None: the template's own default system prompt
-
-    def measure() -> tuple[float, list[str]]:
-        said = replies(model, asked, [max_new_tokens] * len(asked), tok.eos_id)
-        return perplexity(model, ids), [tok.decode(r, skip_special_tokens=True) for r in said]
-
-    ppl_on, on = measure()
-    with adapter_disabled(model):
-        ppl_off, off = measure()
-    rows = [dict(prompt=q, without_adapter=b, with_adapter=a, same=a == b) for q, a, b in zip(prompts, on, off)]
-    return dict(prose=dict(file="assets/prose.txt", tokens=len(ids), perplexity_without_adapter=round(ppl_off, 4),
-                           perplexity_with_adapter=round(ppl_on, 4), drift=round(ppl_on / ppl_off - 1, 6)),
+def side_effects(loc: dict, prompts: Sequence[str] = GENERAL_PROMPTS) -> dict:
+    """The certificate's short summary of what storing the facts costs, read off the locality measure (which
+    holds these five prompts and the same first 256 prose tokens): prose perplexity drift and five replies."""
+    if loc["prose"]["span"][0] != 0:
+        raise ValueError(f"{loc['file']}: side effects report the first tokens of assets/prose.txt, and the measured "
+                         f"span starts at {loc['prose']['span'][0]}")
+    rows = {r["prompt"]: r for r in loc["per_prompt"]}
+    rows = [{k: rows[q][k] for k in ("prompt", "without_adapter", "with_adapter", "same")} for q in prompts]
+    pr = loc["prose"]
+    return dict(prose=dict(file="assets/prose.txt", tokens=pr["tokens"],
+                           **{k: pr[k] for k in ("perplexity_without_adapter", "perplexity_with_adapter", "drift")}),
                 prompts=rows, prompts_same=sum(r["same"] for r in rows))
 
 
@@ -359,11 +346,11 @@ def certify(base: str, adapter: str | Path, data: str | Path, dtype: str | torch
                    targets=settings["targets"], params=params, vocab=vocab,
                    **{BITS: round(stored * math.log2(vocab) / params, 6)},
                    min_prob=min(f["min_prob"] for f in per), min_margin=min(f["margin"] for f in per))
+    loc = measure(model, tok, folder)
     return dict(schema=1, adapter=str(adapter), base_model=str(base),
                 data=dict(path=str(Path(data).resolve()), sha256=file_sha256(data)),
                 dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
-                definitions=DEFINITIONS, facts=per, overall=overall, side_effects=side_effects(model, tok),
-                locality=measure(model, tok, folder))
+                definitions=DEFINITIONS, facts=per, overall=overall, side_effects=side_effects(loc), locality=loc)
 
 
 def print_certificate(cert: dict) -> None:

@@ -113,6 +113,13 @@ def contains(row: list[int], part: list[int]) -> bool:
     return any(row[i : i + len(part)] == part for i in range(len(row) - len(part) + 1))
 
 
+@torch.no_grad()
+def perplexity(model, ids: list[int]) -> float:
+    """exp(mean next-token cross-entropy) over ids, written out: log-softmax, the next token's log-prob."""
+    logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)
+    return math.exp(-float(logp[torch.arange(len(ids) - 1), ids[1:]].mean()))
+
+
 def test_held_out_part_never_reaches_the_regulariser(tiny_chat, monkeypatch):
     """Every token row the regulariser feeds the model over a whole cycle: each holds one regularisation prompt
     or a piece of its prose span, and none holds a measured prompt or any 8 tokens of the measured prose."""
@@ -202,10 +209,10 @@ def test_measures_of_a_random_adapter_equal_one_prompt_at_a_time(tiny_chat):
     assert 0 < loc["token_agreement"] < 1 and kept < 60  # the adapter does change things
     ids = locality.prose_ids(tok, s.measure.prose)
     with adapter_disabled(model):
-        off = facts.perplexity(model, ids)
+        off = perplexity(model, ids)
         with torch.no_grad():
             base_argmax = model(torch.tensor([ids[:-1]]))[0].argmax(-1)
-    on = facts.perplexity(model, ids)
+    on = perplexity(model, ids)
     with torch.no_grad():
         argmax = model(torch.tensor([ids[:-1]]))[0].argmax(-1)
     pr = loc["prose"]
