@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random Llama/Qwen3 checkpoints that transformers builds offline."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(2)
+# the README's command runs two pytest workers (pytest-xdist), one thread each on a 2-core machine; alone, two threads
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def _randomize(model, seed=0):
