@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from convergence import verdict  # docs/convergence.py, beside this file: stage 7's held/lost rule
+
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "results" / "convergence"  # the law grid's runs: the first bounds
 OUT = GRID / "capacity"  # the probes
@@ -49,9 +51,7 @@ def held(rank: int, length: int, seeds: list[int], method: str = "sft") -> bool 
         run = json.loads(f.read_text())
         if run.get("data_seed") == 0 and run.get("budget") == 2000 and run["seed"] in seeds:
             runs[run["seed"]] = run
-    if any(r["exact_match"] < 1.0 for r in runs.values()):
-        return False
-    return True if len(runs) == len(seeds) else None
+    return verdict(runs, len(seeds))
 
 
 def bounds(rank: int, seeds: list[int], method: str = "sft") -> tuple[int | None, int | None]:

@@ -312,6 +312,14 @@ CAPACITY_HEADER = ["rank", "params", "seeds", "longest ℓ held", "shortest ℓ 
                    "bits/param (Morris)"]
 
 
+def verdict(got: dict[int, dict], seeds: int) -> bool | None:
+    """Stage 7's rule at one (rank, length), from its runs by training seed: False as soon as one run did not
+    recall exactly (one failure decides), True when all `seeds` seeds' runs did, None while undecided."""
+    if any(r["exact_match"] < 1.0 for r in got.values()):
+        return False
+    return True if len(got) == seeds else None
+
+
 def capacity_rows(grid: list[dict]) -> list[list]:
     """Per rank of a grid of runs: params, seeds, the longest ℓ every seed recalled exactly, the shortest ℓ
     some seed did not, and the two bit counts (CAPACITY_HEADER). A length that only some seeds have run,
@@ -320,9 +328,12 @@ def capacity_rows(grid: list[dict]) -> list[list]:
     for rank in sorted({r["rank"] for r in grid}):
         at = [r for r in grid if r["rank"] == rank]
         seeds = sorted({r["seed"] for r in at})
-        runs = {L: by_seed(at, rank, L) for L in sorted({r["length"] for r in at})}
-        held = [L for L, rs in runs.items() if len(rs) == len(seeds) and all(x["exact_match"] == 1.0 for x in rs)]
-        lost = [L for L, rs in runs.items() if any(x["exact_match"] < 1.0 for x in rs)]
+        runs: dict = {}
+        for r in at:  # seed -> run per length: a run found in two folders counts once
+            runs.setdefault(r["length"], {})[r["seed"]] = r
+        said = {L: verdict(got, len(seeds)) for L, got in runs.items()}
+        held = [L for L, v in said.items() if v]
+        lost = [L for L, v in said.items() if v is False]
         best = max(held) if held else None
         morris = max(r["length"] * max(0.0, math.log(VOCAB) - r["loss_final"]) / math.log(2) for r in at)
         rows.append([rank, at[0]["params"], len(seeds), best, min(lost) if lost else None,

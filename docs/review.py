@@ -312,8 +312,9 @@ def method_capacity(folder: Path, seeds: tuple = (0, 1)) -> list[str]:
                     at.setdefault(r["length"], {})[r["seed"]] = r
             if m != "sft" and len(at) < 2:  # stage 10's single length alone brackets nothing
                 continue
-            held = [L for L, got in at.items() if len(got) == len(seeds) and all(x["exact_match"] == 1.0 for x in got.values())]
-            lost = [L for L, got in at.items() if any(x["exact_match"] < 1.0 for x in got.values())]
+            said = {L: cv.verdict(got, len(seeds)) for L, got in at.items()}
+            held = [L for L, v in said.items() if v]
+            lost = [L for L, v in said.items() if v is False]
             best = max(held, default=None)
             steps = "–" if best is None else ", ".join(str(at[best][s]["stopped_at"] or at[best][s]["steps"]) for s in seeds)
             rows.append([rank, m.upper(), best or "–", min(lost, default="–"), steps,

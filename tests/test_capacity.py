@@ -4,9 +4,11 @@ answer exactly up to a known length per seed; and the report's capacity table on
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "docs"))  # capacity.py imports convergence.py beside it
 
 
 def load_docs(name: str):
@@ -92,14 +94,16 @@ def test_a_failure_decides_before_every_seed_has_run(tmp_path, monkeypatch):
 
 def test_report_counts_a_length_only_when_every_seed_has_decided_it():
     """docs/convergence.py's capacity table, by hand: ℓ = 50 run by one seed of two (exactly) is undecided,
-    ℓ = 100 is lost by its one failed seed."""
+    even when that seed's run is found twice (in the grid's folder and stage 10's), and ℓ = 100 is lost by its
+    one failed seed."""
     convergence = load_docs("convergence")
 
     def run(length: int, seed: int, exact: bool, loss_final: float) -> dict:
         return dict(rank=2, params=2304, length=length, seed=seed, exact_match=1.0 if exact else 0.5,
                     loss_final=loss_final)
 
-    runs = [run(25, 0, True, 0.1), run(25, 1, True, 0.2), run(50, 0, True, 0.1), run(100, 0, False, 9.0)]
+    runs = [run(25, 0, True, 0.1), run(25, 1, True, 0.2), run(50, 0, True, 0.1), run(50, 0, True, 0.1),
+            run(100, 0, False, 9.0)]
     [row] = convergence.capacity_rows(runs)
     ln_v = math.log(49152)
     # Morris: the most ℓ·(ln V − L_final)/ln 2 over the runs is ℓ = 50 at L_final 0.1 (25 at 0.1 is half)
