@@ -127,6 +127,8 @@ class Regulariser:
         random.Random(0).shuffle(order)  # prompts and prose pieces mixed, the same order in every run
         self.chunks = [order[i : i + per_step] for i in range(0, len(order), per_step)]
         self.prefix = PrefixCache(model, start) if start > 0 else None
+        if self.prefix is not None:  # up front, as train.py does for the facts: then every step costs the same
+            self.prefix.fill(items)
 
     def settings(self) -> dict:
         """What the results file records of it."""
