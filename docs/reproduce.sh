@@ -122,14 +122,25 @@ boundary() {  # $1: rank, $2: comma list of lengths (the lost one first), $3: da
   done; done
 }
 
+# Stage 11, MemFT's own capacity: SW's bracket at ranks 1 and 2 by the same bisection and definition as stage
+# 7 (training seeds 0 and 1, data seed 0; stage 10's runs count as probes), to the default 10%, and SFT's
+# rank-1 bracket narrowed to the same 10% (stage 7 stopped at 25 / 30), so that the two read like for like.
+capacity_method() {  # $1: rank, $2: method
+  $PY docs/capacity.py --rank "$1" --method "$2" --python $PY
+}
+
 # The MemFT stages (3, 4, 8) run before 5-7, so that the comparison with SFT completes first. Chain 1 trains
 # stage 4's SW seeds 0, 2 and 4 alone, so stage 8's seed 4 runs in chain 2 to even out the chains.
 chain1() { budget_curve 0 && law_grid 0 && memft_lc 0,2,4 && memft_pb 0,2,4 && memft_paper 0,2 && density 0 \
   && pb_law 0 && capacity 1 && capacity 4 && data_seeds 1 25,50,100,200 && data_seeds 2 25,50,100,200 \
-  && data_seeds 0 400 && boundary 1 30,27 0 && boundary 2 71,65 0 && boundary 4 168,154 0; }
+  && data_seeds 0 400 && boundary 1 30,27 0 && boundary 2 71,65 0 && boundary 4 168,154 0 && capacity_method 1 sw \
+  && capacity_method 1 sft; }
 chain2() { budget_curve 1 && law_grid 1 && memft_lc 1,3 && memft_pb 1,3 && memft_paper 1,3,4 && density 1 \
   && pb_law 1 && capacity 2 && capacity 8 && data_seeds 1 400 && data_seeds 2 400 && boundary 1 30,27 1 \
-  && boundary 2 71,65 1 && boundary 4 168,154 1; }
+  && boundary 2 71,65 1 && boundary 4 168,154 1 && capacity_method 2 sw; }
 chain1 > $OUT/chain1.log 2>&1 &
 chain2 > $OUT/chain2.log 2>&1
 wait
+# Sampled recall of the memorised runs (docs/sampling.py), each run and temperature with a sampler seed of its
+# own; adapters are not committed, so the runs trained elsewhere are trained again first.
+$PY docs/sampling.py --retrain --lengths 25,200 > $OUT/sampling.log 2>&1
