@@ -21,7 +21,8 @@ right, so the gap between the two columns is what the stronger bar costs in step
 --margins NAME: the base model's top-1 over top-2 log-probability margin at every position of its own greedy
 replies to the held-out prompts (teacher-forced), and for placement NAME's adapter the positions whose argmax
 it flips, the base margin there, and its KL to the base per position. A reply is kept only if no position
-on its greedy path flips, so small margins bound the replies kept.
+on its greedy path flips, so small margins bound the replies kept. For scale it also compares the base model
+in bf16 with itself in fp32: numerical noise alone, nothing stored.
 """
 
 import argparse
@@ -142,6 +143,13 @@ def margins(name: str, out: Path) -> None:
     print(f"adapter {name}: flips {int(flip.sum())} of {len(m)} positions (base margin there: median "
           f"{float(m[flip].median()):.3f} nats); KL to the base a position: mean {float(kl.mean()):.4f}, "
           f"median {float(kl.median()):.4f}")
+    # for scale, a change that stores nothing: the same base model in bf16 (weights and arithmetic) against fp32
+    half = load_model(folder, dtype=torch.bfloat16)
+    said = loc.replies(half, asked, [loc.REPLY_TOKENS] * len(asked), tok.eos_id)
+    forced = loc.forced_argmax(half, asked, base["replies"])
+    flips = sum(sum(x != y for x, y in zip(f, r)) for f, r in zip(forced, base["replies"]))
+    print(f"the base model in bf16 against fp32, no adapter: keeps {sum(a == b for a, b in zip(said, base['replies']))} "
+          f"of {len(rows)} replies, flips {flips} of {len(m)} positions")
 
 
 def main() -> None:
