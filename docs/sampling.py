@@ -15,8 +15,8 @@ fractions are independent checks; rows drawn before that (all with seed 0) are d
 Writes results/convergence/sampling.json (atomically), read by docs/report.py. Runs whose
 adapter folder is absent (adapters are not committed) are skipped with a line saying so, or with
 --retrain trained again from their recorded settings; the adapter is kept only when the new run ends
-at the same step with the same final loss (to 1e-4 relative: another machine of the same kind adds in
-another order, so runs agree to about 1e-6, not bit for bit), and its rows are marked retrained.
+at the same step with the same final loss (to 1e-3 relative: another machine, or a later version of
+the code, adds in another order, and after hundreds of steps runs agree to 1e-6..2e-4, not bit for bit), and its rows are marked retrained.
 """
 
 import argparse
@@ -88,7 +88,8 @@ def measure(run: dict, adapter: Path, k: int, temperatures: list[float]) -> list
     return rows
 
 
-REL_TOL = 1e-4  # another machine of the same kind sums in another order: losses agree to ~1e-6, not bit for bit
+REL_TOL = 1e-3  # another machine, or the code's own later changes of summation order (chunked loss, fused
+# kernels), make runs agree to 1e-6..2e-4 in the final loss after hundreds of steps at lr 1e-2, not bit for bit
 
 
 def retrain(run: dict, folder: Path) -> bool:

@@ -37,3 +37,24 @@ def test_shared_seed_rows_are_redrawn_and_replaced(tmp_path, monkeypatch):
     assert {r["sampler_seed"] for r in rows if r["name"] == other["name"]} == {7, 8}  # kept as they were
     sampling.main(100, [0.5, 1.0], tmp_path, {0})
     assert len(calls) == 1  # nothing left to draw
+
+
+def test_a_retrained_adapter_is_kept_only_where_the_run_ended_as_recorded(tmp_path, monkeypatch):
+    """By hand: the same stop step and a final loss 2e-4 off (the drift measured between retrains) keeps the
+    adapter; 2e-3 off, or another stop step, does not."""
+    import train
+
+    run = dict(name="longctx-n1-L200-r16-sft-const-s0", stopped_at=200, loss_final=0.069106,
+               settings=dict(task="longctx", length=200, rank=16))
+
+    def fake(stopped_at, loss_final):
+        def main(cfg):
+            (tmp_path / ".retrain" / run["name"]).mkdir(parents=True, exist_ok=True)
+            return dict(stopped_at=stopped_at, loss_final=loss_final)
+        return main
+
+    for stopped_at, loss, kept in ((200, 0.069106 * (1 + 2e-3), False), (190, 0.069106, False),
+                                   (200, 0.0691204, True)):
+        monkeypatch.setattr(train, "main", fake(stopped_at, loss))
+        assert sampling.retrain(run, tmp_path) is kept
+        assert (tmp_path / run["name"] / "RETRAINED").is_file() is kept
