@@ -320,6 +320,12 @@ def verdict(got: dict[int, dict], seeds: int) -> bool | None:
     return True if len(got) == seeds else None
 
 
+def bracket(by_length: dict[int, dict[int, dict]], seeds: int) -> tuple[list[int], list[int]]:
+    """(lengths held, lengths lost) by `verdict`, from each length's runs by training seed."""
+    said = {L: verdict(got, seeds) for L, got in by_length.items()}
+    return [L for L, v in said.items() if v], [L for L, v in said.items() if v is False]
+
+
 def capacity_rows(grid: list[dict]) -> list[list]:
     """Per rank of a grid of runs: params, seeds, the longest ℓ every seed recalled exactly, the shortest ℓ
     some seed did not, and the two bit counts (CAPACITY_HEADER). A length that only some seeds have run,
@@ -331,9 +337,7 @@ def capacity_rows(grid: list[dict]) -> list[list]:
         runs: dict = {}
         for r in at:  # seed -> run per length: a run found in two folders counts once
             runs.setdefault(r["length"], {})[r["seed"]] = r
-        said = {L: verdict(got, len(seeds)) for L, got in runs.items()}
-        held = [L for L, v in said.items() if v]
-        lost = [L for L, v in said.items() if v is False]
+        held, lost = bracket(runs, len(seeds))
         best = max(held) if held else None
         morris = max(r["length"] * max(0.0, math.log(VOCAB) - r["loss_final"]) / math.log(2) for r in at)
         rows.append([rank, at[0]["params"], len(seeds), best, min(lost) if lost else None,

@@ -312,9 +312,7 @@ def method_capacity(folder: Path, seeds: tuple = (0, 1)) -> list[str]:
                     at.setdefault(r["length"], {})[r["seed"]] = r
             if m != "sft" and len(at) < 2:  # stage 10's single length alone brackets nothing
                 continue
-            said = {L: cv.verdict(got, len(seeds)) for L, got in at.items()}
-            held = [L for L, v in said.items() if v]
-            lost = [L for L, v in said.items() if v is False]
+            held, lost = cv.bracket(at, len(seeds))
             best = max(held, default=None)
             steps = "–" if best is None else ", ".join(str(at[best][s]["stopped_at"] or at[best][s]["steps"]) for s in seeds)
             rows.append([rank, m.upper(), best or "–", min(lost, default="–"), steps,
