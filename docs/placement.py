@@ -5,6 +5,7 @@
     python docs/placement.py --only qv-upper-r4-kl10,qv-upper-r8-kl10 --seeds 0,1,2   # training seeds
     python docs/placement.py --data FILE          # another facts file
     python docs/placement.py --margins qv-upper-r4-kl10   # why few replies stay word for word (below)
+    python docs/placement.py --shrink qv-upper-r4-kl10-settle  # the adapter's update scaled down (below)
 
 Each placement is an ordinary `train.py --data FILE --until-recalled` run with the facts defaults (lr 2e-2,
 60 steps, --eval-every 5, preserve on) and its own targets, layers and rank, in results/placement/.
@@ -23,6 +24,11 @@ replies to the held-out prompts (teacher-forced), and for placement NAME's adapt
 it flips, the base margin there, and its KL to the base per position. A reply is kept only if no position
 on its greedy path flips, so small margins bound the replies kept. For scale it also compares the base model
 in bf16 with itself in fp32: numerical noise alone, nothing stored.
+
+--shrink NAME: placement NAME's adapter with its update scaled by s (each module's s·B·A becomes
+scale·s·B·A) for each s of --scales: facts recalled exactly, their smallest answer-token p, and the
+certificate's held-out locality. It answers how small the update must be to keep a given share of replies,
+and whether the facts are still there at that size.
 """
 
 import argparse
@@ -152,6 +158,45 @@ def margins(name: str, out: Path) -> None:
           f"of {len(rows)} replies, flips {flips} of {len(m)} positions")
 
 
+def float_list(text: str) -> list[float]:
+    """argparse type of --scales: a comma list of factors from 0 to 1."""
+    try:
+        xs = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers") from None
+    if not all(0 <= x <= 1 for x in xs):
+        raise argparse.ArgumentTypeError(f"{text!r}: each factor must be between 0 and 1")
+    return xs
+
+
+def shrink(name: str, out: Path, data: Path, scales: list[float]) -> None:
+    import torch
+
+    import locality as loc
+    from convert import builtin_model_dir
+    from data import facts, load_tokenizer, read_facts
+    from facts import fact_reports
+    from lora import load_adapter, lora_modules
+    from model import load_model
+
+    folder = builtin_model_dir()
+    model, tok = load_model(folder, dtype=torch.float32), load_tokenizer(folder)
+    load_adapter(model, out / name)
+    model.eval()
+    mods = lora_modules(model)
+    full = {k: m.scale for k, m in mods.items()}
+    rows, ex = read_facts(data), facts(tok, data).train
+    print(f"| update × s | facts recalled | min p | token agreement | replies kept | prose drift |\n|{'---|' * 6}")
+    for s in scales:
+        for k, m in mods.items():
+            m.scale = full[k] * s
+        with torch.no_grad():
+            per, lo = fact_reports(model, tok, ex, rows), loc.measure(model, tok, folder)
+        print(f"| {s:g} | {sum(f['exact'] for f in per)}/{len(per)} | {min(f['min_prob'] for f in per):.3f} | "
+              f"{lo['token_agreement']:.3f} | {lo['replies_kept']}/{lo['prompts']} | {100 * lo['prose']['drift']:+.1f}% |",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=None, help=f"comma list of placements (default all: {', '.join(PLACEMENTS)})")
@@ -163,6 +208,10 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the table of finished runs only; train nothing")
     ap.add_argument("--margins", default=None, metavar="NAME", help="the base model's margins on the held-out replies "
                     "and the flips of placement NAME's adapter (see above); train nothing")
+    ap.add_argument("--shrink", default=None, metavar="NAME", help="placement NAME's adapter with its update scaled by each "
+                    "of --scales: facts recalled and locality (see above); train nothing")
+    ap.add_argument("--scales", type=float_list, default="1,0.9,0.8,0.7,0.6,0.4,0.2,0.1",
+                    help="factors for --shrink (default 1,0.9,0.8,0.7,0.6,0.4,0.2,0.1)")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(PLACEMENTS)
     seeds = a.seeds
@@ -176,10 +225,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if a.data is None:
         data.write_text("".join(json.dumps(f) + "\n" for f in STAFF))
+    for name in (a.margins, a.shrink):
+        if name and not (out / name / "adapter.safetensors").is_file():
+            sys.exit(f"error: no adapter for placement {name!r} in {out}; train it first (--only {name})")
     if a.margins:
-        if not (out / a.margins / "adapter.safetensors").is_file():
-            sys.exit(f"error: no adapter for placement {a.margins!r} in {out}; train it first (--only {a.margins})")
         return margins(a.margins, out)
+    if a.shrink:
+        return shrink(a.shrink, out, data, a.scales)
     if not a.table:
         for n in names:
             for seed in seeds:
