@@ -25,8 +25,8 @@ it flips, the base margin there, and its KL to the base per position. A reply is
 on its greedy path flips, so small margins bound the replies kept. For scale it also compares the base model
 in bf16 with itself in fp32: numerical noise alone, nothing stored.
 
---shrink NAME: placement NAME's adapter with its update scaled by s (each module's s·B·A becomes
-scale·s·B·A) for each s of --scales: facts recalled exactly, their smallest answer-token p, and the
+--shrink NAME: placement NAME's adapter with its update scaled by s (each module's scale·B·A becomes
+s·scale·B·A) for each s of --scales: facts recalled exactly, their smallest answer-token p, and the
 certificate's held-out locality. It answers how small the update must be to keep a given share of replies,
 and whether the facts are still there at that size.
 """
