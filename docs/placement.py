@@ -22,8 +22,9 @@ right, so the gap between the two columns is what the stronger bar costs in step
 --margins NAME: the base model's top-1 over top-2 log-probability margin at every position of its own greedy
 replies to the held-out prompts (teacher-forced), and for placement NAME's adapter the positions whose argmax
 it flips, the base margin there, and its KL to the base per position. A reply is kept only if no position
-on its greedy path flips, so small margins bound the replies kept. For scale it also compares the base model
-in bf16 with itself in fp32: numerical noise alone, nothing stored.
+on its greedy path flips, so small margins bound the replies kept. The same adapter on the regularisation
+part's own prompts (those the KL term trains on) shows whether the term holds even them. For scale it also
+compares the base model in bf16 with itself in fp32: numerical noise alone, nothing stored.
 
 --shrink NAME: placement NAME's adapter with its update scaled by s (each module's scale·B·A becomes
 s·scale·B·A) for each s of --scales: facts recalled exactly, their smallest answer-token p, and the
@@ -119,43 +120,63 @@ def row(name: str, out: Path, seed: int = 0) -> list[str] | None:
             f"{100 * loc['prose']['drift']:+.1f}%" if loc else "–"]
 
 
-def margins(name: str, out: Path) -> None:
+def held(model, prompts: list[list[int]], said: list[list[int]], eos_id: int) -> tuple[int, tuple]:
+    """Adapter on vs off on `prompts`, whose base greedy replies are `said`: the replies kept, and teacher-forced
+    on the base's replies, per position the base's top-1 over top-2 margin, whether the adapter flips the
+    argmax, and its KL to the base."""
     import torch
 
     import locality as loc
-    from convert import builtin_model_dir
-    from data import load_tokenizer
-    from lora import adapter_disabled, load_adapter
-    from model import load_model
+    from lora import adapter_disabled
 
-    folder = builtin_model_dir()
-    model, tok, s = load_model(folder, dtype=torch.float32), load_tokenizer(folder), loc.load_set()
-    base, asked = loc.base_side(model, tok, folder, s), loc.measure_prompts(tok, s)
-    load_adapter(model, out / name)
-    rows = []  # per reply: (base margins, flipped, KL) at each position
+    kept = sum(a == b for a, b in zip(loc.replies(model, prompts, [loc.REPLY_TOKENS] * len(prompts), eos_id), said))
+    rows = []
     with torch.no_grad():
-        for p, r in zip(asked, base["replies"]):
+        for p, r in zip(prompts, said):
             ids, at = torch.tensor([p + r]), slice(len(p) - 1, len(p) + len(r) - 1)
             on = model(ids)[0, at].log_softmax(-1)
             with adapter_disabled(model):
                 off = model(ids)[0, at].log_softmax(-1)
             top2 = off.topk(2, -1).values
             rows.append((top2[:, 0] - top2[:, 1], on.argmax(-1) != off.argmax(-1), (off.exp() * (off - on)).sum(-1)))
-    m, flip, kl = (torch.cat([r[i] for r in rows]) for i in range(3))
-    print(f"base model, {len(m)} positions of its greedy replies to {len(rows)} held-out prompts:")
+    return kept, tuple(torch.cat([r[i] for r in rows]) for i in range(3))
+
+
+def margins(name: str, out: Path) -> None:
+    import torch
+
+    import locality as loc
+    from convert import builtin_model_dir
+    from data import load_tokenizer
+    from lora import load_adapter
+    from model import load_model
+
+    folder = builtin_model_dir()
+    model, tok, s = load_model(folder, dtype=torch.float32), load_tokenizer(folder), loc.load_set()
+    base, asked = loc.base_side(model, tok, folder, s), loc.measure_prompts(tok, s)
+    load_adapter(model, out / name)
+    kept, (m, flip, kl) = held(model, asked, base["replies"], tok.eos_id)
+    n, positions = len(asked), len(m)
+    print(f"base model, {len(m)} positions of its greedy replies to {n} held-out prompts:")
     for t in (0.1, 0.25, 0.5, 1.0):
+        per = m.split([len(r) for r in base["replies"]])
         print(f"  margin under {t:<4} nats: {float((m < t).float().mean()):.1%} of positions, "
-              f"{sum(int(r[0].min() < t) for r in rows)} of {len(rows)} replies have one")
-    print(f"adapter {name}: flips {int(flip.sum())} of {len(m)} positions (base margin there: median "
-          f"{float(m[flip].median()):.3f} nats); KL to the base a position: mean {float(kl.mean()):.4f}, "
+              f"{sum(int(x.min() < t) for x in per)} of {n} replies have one")
+    print(f"adapter {name}: keeps {kept} of {n} replies, flips {int(flip.sum())} of {len(m)} positions (base margin "
+          f"there: median {float(m[flip].median()):.3f} nats); KL to the base a position: mean {float(kl.mean()):.4f}, "
           f"median {float(kl.median()):.4f}")
+    # Does the KL term hold even the prompts it trains on? The regularisation part's prompts, in training's formats.
+    reg = [e for e in loc.regulariser_items(model, tok, s) if e.id < loc.PROSE_ID]
+    kept, (_, flip, kl) = held(model, [e.prompt for e in reg], [e.answer for e in reg], tok.eos_id)
+    print(f"  on the regularisation part's own {len(reg)} prompts (trained on): keeps {kept} of {len(reg)} replies, flips "
+          f"{int(flip.sum())} of {len(kl)} positions; KL mean {float(kl.mean()):.4f}, median {float(kl.median()):.4f}")
     # for scale, a change that stores nothing: the same base model in bf16 (weights and arithmetic) against fp32
     half = load_model(folder, dtype=torch.bfloat16)
-    said = loc.replies(half, asked, [loc.REPLY_TOKENS] * len(asked), tok.eos_id)
+    said = loc.replies(half, asked, [loc.REPLY_TOKENS] * n, tok.eos_id)
     forced = loc.forced_argmax(half, asked, base["replies"])
     flips = sum(sum(x != y for x, y in zip(f, r)) for f, r in zip(forced, base["replies"]))
     print(f"the base model in bf16 against fp32, no adapter: keeps {sum(a == b for a, b in zip(said, base['replies']))} "
-          f"of {len(rows)} replies, flips {flips} of {len(m)} positions")
+          f"of {n} replies, flips {flips} of {positions} positions")
 
 
 def float_list(text: str) -> list[float]:
@@ -207,7 +228,7 @@ def main() -> None:
                     "past 0 names its run NAME-sN (default 0)")
     ap.add_argument("--table", action="store_true", help="print the table of finished runs only; train nothing")
     ap.add_argument("--margins", default=None, metavar="NAME", help="the base model's margins on the held-out replies "
-                    "and the flips of placement NAME's adapter (see above); train nothing")
+                    "and the flips of placement NAME's adapter, there and on the regulariser's prompts (see above); train nothing")
     ap.add_argument("--shrink", default=None, metavar="NAME", help="placement NAME's adapter with its update scaled by each "
                     "of --scales: facts recalled and locality (see above); train nothing")
     ap.add_argument("--scales", type=float_list, default="1,0.9,0.8,0.7,0.6,0.4,0.2,0.1",
