@@ -33,7 +33,7 @@ OUT = ROOT / "results" / "facts-scale"
 SETTINGS = {  # facts: (lr, steps per attempt, --eval-every, --rank); batches of 16 facts, as train.py defaults to
     20: (2e-2, 200, 5, "auto"),
     100: (1e-2, 600, 10, "auto"),
-    1000: (1e-2, 4000, 100, "16"),  # 100 facts recalled at 1e-2 in about 50 passes over them: 3,150 steps here
+    1000: (1e-2, 4000, 100, "16"),  # 100 facts recalled at 1e-2 in about 50 passes: 3,150 steps here, if a pass did as much
 }
 
 
