@@ -156,17 +156,17 @@ def margins(name: str, out: Path) -> None:
     base, asked = loc.base_side(model, tok, folder, s), loc.measure_prompts(tok, s)
     load_adapter(model, out / name)
     kept, (m, flip, kl) = held(model, asked, base["replies"], tok.eos_id)
-    n, positions = len(asked), len(m)
-    print(f"base model, {len(m)} positions of its greedy replies to {n} held-out prompts:")
+    n, positions, per = len(asked), len(m), m.split([len(r) for r in base["replies"]])
+    print(f"base model, {positions} positions of its greedy replies to {n} held-out prompts:")
     for t in (0.1, 0.25, 0.5, 1.0):
-        per = m.split([len(r) for r in base["replies"]])
         print(f"  margin under {t:<4} nats: {float((m < t).float().mean()):.1%} of positions, "
               f"{sum(int(x.min() < t) for x in per)} of {n} replies have one")
-    print(f"adapter {name}: keeps {kept} of {n} replies, flips {int(flip.sum())} of {len(m)} positions (base margin "
+    print(f"adapter {name}: keeps {kept} of {n} replies, flips {int(flip.sum())} of {positions} positions (base margin "
           f"there: median {float(m[flip].median()):.3f} nats); KL to the base a position: mean {float(kl.mean()):.4f}, "
           f"median {float(kl.median()):.4f}")
-    # Does the KL term hold even the prompts it trains on? The regularisation part's prompts, in training's formats.
-    reg = [e for e in loc.regulariser_items(model, tok, s) if e.id < loc.PROSE_ID]
+    # Does the KL term hold even the prompts it trains on? The regularisation part's prompts as training read them
+    # (from the regulariser's cache; its prompt items come before its prose pieces).
+    reg = loc.preserve(model, tok, folder, tok.pad_id).items[: len(s.regulariser.prompts)]
     kept, (_, flip, kl) = held(model, [e.prompt for e in reg], [e.answer for e in reg], tok.eos_id)
     print(f"  on the regularisation part's own {len(reg)} prompts (trained on): keeps {kept} of {len(reg)} replies, flips "
           f"{int(flip.sum())} of {len(kl)} positions; KL mean {float(kl.mean()):.4f}, median {float(kl.median()):.4f}")
